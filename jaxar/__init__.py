@@ -1,0 +1,1 @@
+from jaxar.config import ModelConfig, ConfigError  # noqa
