@@ -1,0 +1,377 @@
+"""Logits processors and token sampling.
+
+Everything here is jit-friendly: the only Python branching is on the static
+:class:`SamplingConfig` (pass it as a static argument, it is hashable) and on
+array shapes, never on traced values.
+
+The processors reproduce Hugging Face ``transformers`` semantics
+(``RepetitionPenaltyLogitsProcessor``, ``TemperatureLogitsWarper``,
+``TopKLogitsWarper``, ``TopPLogitsWarper`` and ``MinPLogitsWarper`` with
+``min_tokens_to_keep=1``), applied in the order ``generate`` applies them:
+repetition penalty, temperature, top-k, top-p, min-p. Filtered entries are set
+to ``-inf``.
+
+Greedy decoding (``temperature == 0``) follows ``generate(do_sample=False)``:
+only the repetition penalty is applied (the warpers are sampling-only) and the
+token is the argmax.
+
+Randomness is per row: :func:`sample` takes one PRNG key per batch row, and
+:func:`row_keys` derives them from one seed with ``fold_in(fold_in(key, row),
+step)``, so a row's draws do not depend on which other rows share its batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+__all__ = [
+    "SamplingConfig",
+    "apply_repetition_penalty",
+    "apply_temperature",
+    "apply_top_k",
+    "apply_top_p",
+    "apply_min_p",
+    "process_logits",
+    "probabilities",
+    "sample",
+    "row_keys",
+    "token_logprobs",
+    "apply_cfg",
+]
+
+_NEG_INF = -jnp.inf
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """Static sampling parameters (hashable: usable as a jit static argument).
+
+    Attributes:
+      temperature: softmax temperature; ``0`` means greedy (argmax).
+      top_k: keep the ``top_k`` highest logits (ties with the k-th are kept,
+        like Hugging Face); ``0`` disables it.
+      top_p: nucleus sampling mass in ``(0, 1]``; ``1`` disables it.
+      min_p: drop tokens whose probability is below ``min_p`` times the top
+        token's, in ``[0, 1)``; ``0`` disables it.
+      repetition_penalty: CTRL-style penalty (> 0); ``1`` disables it.
+    """
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+
+    def __post_init__(self):
+        # Normalise numeric types (numpy scalars, ints for floats) so equal
+        # configs hash equally and never hold arrays. Validation is separate
+        # (see validate()) so an invalid config can still be built and inspected.
+        for name, typ in (("temperature", float), ("top_p", float), ("min_p", float),
+                          ("repetition_penalty", float)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(value, "__float__"):
+                raise TypeError(f"SamplingConfig.{name} must be a real number, got {value!r}")
+            object.__setattr__(self, name, typ(value))
+        top_k = self.top_k
+        if isinstance(top_k, bool) or not hasattr(top_k, "__index__"):
+            raise TypeError(f"SamplingConfig.top_k must be an integer, got {top_k!r}")
+        object.__setattr__(self, "top_k", int(top_k))
+
+    @property
+    def greedy(self) -> bool:
+        """True when decoding is argmax (``temperature == 0``)."""
+        return self.temperature == 0.0
+
+    def validate(self) -> "SamplingConfig":
+        """Raise ``ValueError`` on out-of-range values; return ``self``."""
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(
+                f"temperature must be a finite number >= 0 (0 means greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 disables top-k), got {self.top_k}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p must be in (0, 1] (1 disables top-p), got {self.top_p}")
+        if not (0.0 <= self.min_p < 1.0):
+            raise ValueError(f"min_p must be in [0, 1) (0 disables min-p), got {self.min_p}")
+        if not math.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise ValueError(
+                f"repetition_penalty must be a finite number > 0 (1 disables it), "
+                f"got {self.repetition_penalty}")
+        return self
+
+
+# ---------------------------------------------------------------------------
+# Individual processors. All take logits [..., V] and return float32 [..., V].
+# ---------------------------------------------------------------------------
+
+def _f32(x) -> jax.Array:
+    return jnp.asarray(x).astype(jnp.float32)
+
+
+def apply_repetition_penalty(logits, tokens, mask=None, penalty: float = 1.0) -> jax.Array:
+    """Hugging Face ``RepetitionPenaltyLogitsProcessor``.
+
+    For every token id occurring among the valid previous tokens (prompt
+    included), a positive logit is divided by ``penalty`` and a negative one
+    multiplied by it; each id is penalised once however often it occurs.
+
+    Args:
+      logits: ``[..., V]``.
+      tokens: ``[..., S]`` previous token ids, leading dims broadcastable to
+        those of ``logits`` (e.g. ``[B, S]`` for ``[B, V]`` logits; use
+        ``tokens[:, None]`` for ``[B, T, V]`` logits). Ids outside ``[0, V)``
+        are ignored (Hugging Face ignores ids >= V).
+      mask: optional bool ``[..., S]``, True where ``tokens`` is valid
+        (padding positions False). ``None`` means all valid.
+      penalty: the penalty (> 0). ``1.0`` returns the logits unchanged.
+    """
+    logits = _f32(logits)
+    if penalty == 1.0:
+        return logits
+    if not penalty > 0:
+        raise ValueError(f"repetition penalty must be > 0, got {penalty}")
+    tokens = jnp.asarray(tokens)
+    if tokens.ndim < 1:
+        raise ValueError(f"tokens must have a trailing sequence axis, got shape {tokens.shape}")
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise ValueError(f"tokens must be integer ids, got dtype {tokens.dtype}")
+    vocab = logits.shape[-1]
+    lead = logits.shape[:-1]
+    seq = tokens.shape[-1]
+    try:
+        tokens = jnp.broadcast_to(tokens, lead + (seq,))
+        if mask is not None:
+            mask = jnp.broadcast_to(jnp.asarray(mask, bool), lead + (seq,))
+    except ValueError as e:
+        raise ValueError(
+            f"tokens/mask leading dims must broadcast to logits' {lead}; got tokens "
+            f"{tokens.shape}" + ("" if mask is None else f", mask {jnp.shape(mask)}")) from e
+    valid = (tokens >= 0) & (tokens < vocab)
+    if mask is not None:
+        valid = valid & mask
+    # Invalid entries are sent to an extra column V that is dropped afterwards.
+    idx = jnp.where(valid, tokens, vocab).astype(jnp.int32).reshape(-1, seq)
+    rows = idx.shape[0]
+    present = jnp.zeros((rows, vocab + 1), bool).at[jnp.arange(rows)[:, None], idx].set(True)
+    present = present[:, :vocab].reshape(lead + (vocab,))
+    penalised = jnp.where(logits < 0, logits * penalty, logits / penalty)
+    return jnp.where(present, penalised, logits)
+
+
+def apply_temperature(logits, temperature: float) -> jax.Array:
+    """Hugging Face ``TemperatureLogitsWarper`` (``temperature > 0``)."""
+    logits = _f32(logits)
+    if temperature == 1.0:
+        return logits
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0 here, got {temperature}")
+    return logits / jnp.float32(temperature)
+
+
+def apply_top_k(logits, top_k: int) -> jax.Array:
+    """Hugging Face ``TopKLogitsWarper``: drop logits below the k-th largest.
+
+    Ties with the k-th largest value are all kept. ``top_k == 0`` is a no-op.
+    """
+    logits = _f32(logits)
+    if top_k <= 0:
+        return logits
+    k = min(int(top_k), logits.shape[-1])
+    kth = jax.lax.top_k(logits, k)[0][..., -1:]
+    return jnp.where(logits < kth, _NEG_INF, logits)
+
+
+def apply_top_p(logits, top_p: float) -> jax.Array:
+    """Hugging Face ``TopPLogitsWarper`` (``min_tokens_to_keep=1``).
+
+    Sorting ascending, tokens whose cumulative probability is ``<= 1 - top_p``
+    are dropped; the most likely token is always kept. Among tied logits the
+    sort is stable (lower index first), as torch's CPU sort is in practice.
+    ``top_p == 1`` is a no-op (as in Hugging Face, which skips the warper).
+    """
+    logits = _f32(logits)
+    if top_p >= 1.0:
+        return logits
+    vocab = logits.shape[-1]
+    lead = logits.shape[:-1]
+    flat = logits.reshape(-1, vocab)
+    order = jnp.argsort(flat, axis=-1, stable=True)  # ascending
+    sorted_logits = jnp.take_along_axis(flat, order, axis=-1)
+    cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+    remove_sorted = cum <= (1.0 - top_p)
+    remove_sorted = remove_sorted.at[:, -1].set(False)
+    rows = flat.shape[0]
+    remove = jnp.zeros_like(remove_sorted).at[jnp.arange(rows)[:, None], order].set(remove_sorted)
+    return jnp.where(remove, _NEG_INF, flat).reshape(lead + (vocab,))
+
+
+def apply_min_p(logits, min_p: float) -> jax.Array:
+    """Hugging Face ``MinPLogitsWarper`` (``min_tokens_to_keep=1``).
+
+    Drops tokens whose probability is below ``min_p`` times the top token's
+    probability. ``min_p == 0`` is a no-op.
+    """
+    logits = _f32(logits)
+    if min_p <= 0.0:
+        return logits
+    probs = jax.nn.softmax(logits, axis=-1)
+    top = jnp.max(probs, axis=-1, keepdims=True)
+    # With min_p < 1 the top token is never below the threshold, so the
+    # "keep at least one token" rule needs no extra work.
+    return jnp.where(probs < min_p * top, _NEG_INF, logits)
+
+
+# ---------------------------------------------------------------------------
+# Combined pipeline.
+# ---------------------------------------------------------------------------
+
+def process_logits(logits, config: SamplingConfig, prev_tokens=None, prev_mask=None) -> jax.Array:
+    """Apply the processors of ``config`` in Hugging Face's order.
+
+    Order: repetition penalty (needs ``prev_tokens``; skipped when ``None``),
+    then, unless greedy, temperature, top-k, top-p, min-p. Returns float32
+    logits of the same shape with filtered entries at ``-inf``.
+
+    For greedy configs only the repetition penalty is applied: like
+    ``generate(do_sample=False)``, warpers do not take part in greedy search.
+    """
+    config.validate()
+    out = _f32(logits)
+    if config.repetition_penalty != 1.0 and prev_tokens is not None:
+        out = apply_repetition_penalty(out, prev_tokens, prev_mask, config.repetition_penalty)
+    if config.greedy:
+        return out
+    out = apply_temperature(out, config.temperature)
+    out = apply_top_k(out, config.top_k)
+    out = apply_top_p(out, config.top_p)
+    out = apply_min_p(out, config.min_p)
+    return out
+
+
+def probabilities(logits, config: SamplingConfig, prev_tokens=None, prev_mask=None) -> jax.Array:
+    """The distribution :func:`sample` draws from, float32 ``[..., V]``.
+
+    Softmax of :func:`process_logits`; for greedy configs the one-hot of its
+    argmax. Used by speculative decoding for the target ``p`` and draft ``q``.
+    """
+    processed = process_logits(logits, config, prev_tokens, prev_mask)
+    if config.greedy:
+        return jax.nn.one_hot(jnp.argmax(processed, axis=-1), processed.shape[-1], dtype=jnp.float32)
+    return jax.nn.softmax(processed, axis=-1)
+
+
+def _is_typed_key(x) -> bool:
+    return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _check_row_keys(keys, batch: int) -> jax.Array:
+    if keys is None:
+        raise ValueError("sampling with temperature > 0 needs one PRNG key per row (got keys=None)")
+    if _is_typed_key(keys):
+        if keys.shape != (batch,):
+            raise ValueError(f"keys must be a key array of shape ({batch},), got {keys.shape}")
+        return keys
+    keys = jnp.asarray(keys)
+    if keys.dtype != jnp.uint32 or keys.ndim != 2 or keys.shape[0] != batch:
+        raise ValueError(
+            f"keys must be a typed key array of shape ({batch},) or raw uint32 keys of shape "
+            f"({batch}, 2) (one key per row); got dtype {keys.dtype}, shape {keys.shape}")
+    return keys
+
+
+def sample(keys, logits, config: SamplingConfig, prev_tokens=None, prev_mask=None) -> jax.Array:
+    """Draw one token per row: int32 ``[B]``.
+
+    Args:
+      keys: one PRNG key per row, a typed key array ``[B]`` or raw uint32 keys
+        ``[B, 2]`` (see :func:`row_keys`); ignored (may be ``None``) when
+        greedy. Each row's draw depends only on its own key and logits.
+      logits: ``[B, V]``.
+      config: static :class:`SamplingConfig`.
+      prev_tokens, prev_mask: ``[B, S]`` previous tokens (prompt included) and
+        validity mask for the repetition penalty.
+    """
+    logits = jnp.asarray(logits)
+    if logits.ndim != 2:
+        raise ValueError(f"logits must be [B, V], got shape {logits.shape}")
+    processed = process_logits(logits, config, prev_tokens, prev_mask)
+    if config.greedy:
+        return jnp.argmax(processed, axis=-1).astype(jnp.int32)
+    keys = _check_row_keys(keys, logits.shape[0])
+    draw = jax.vmap(lambda k, row: jax.random.categorical(k, row, axis=-1))
+    return draw(keys, processed).astype(jnp.int32)
+
+
+def row_keys(seed_or_key: Any, batch: int, step: Any = 0, *, row_ids=None) -> jax.Array:
+    """Per-row keys ``fold_in(fold_in(key, row), step)`` for ``row in range(batch)``.
+
+    Args:
+      seed_or_key: an integer seed (Python int or integer scalar array, may be
+        traced), a typed key, or a raw uint32 key of shape ``(2,)``.
+      batch: number of rows (static).
+      step: decoding step (int, may be traced).
+      row_ids: optional int ``[batch]`` ids to fold in instead of ``0..batch-1``
+        (e.g. request ids, so a request keeps its stream when it moves slot).
+
+    Returns keys of the same flavour as given (typed ``[batch]`` for typed keys
+    and integer seeds, raw ``[batch, 2]`` for raw keys).
+    """
+    if _is_typed_key(seed_or_key):
+        if seed_or_key.shape != ():
+            raise ValueError(f"expected a single key, got key array of shape {seed_or_key.shape}")
+        base = seed_or_key
+    else:
+        arr = jnp.asarray(seed_or_key)
+        if arr.dtype == jnp.uint32 and arr.shape == (2,):
+            base = arr
+        elif jnp.issubdtype(arr.dtype, jnp.integer) and arr.shape == ():
+            base = jax.random.key(arr)
+        else:
+            raise ValueError(
+                f"seed_or_key must be an integer seed, a typed key or a raw uint32[2] key; "
+                f"got dtype {arr.dtype}, shape {arr.shape}")
+    rows = jnp.arange(batch, dtype=jnp.uint32) if row_ids is None else jnp.asarray(row_ids)
+    if rows.shape != (batch,):
+        raise ValueError(f"row_ids must have shape ({batch},), got {rows.shape}")
+    step = jnp.asarray(step)
+    return jax.vmap(lambda r: jax.random.fold_in(jax.random.fold_in(base, r), step))(rows)
+
+
+def token_logprobs(logits, tokens, config: SamplingConfig, prev_tokens=None, prev_mask=None) -> jax.Array:
+    """Log-probabilities (float32 ``[...]``) of ``tokens`` under the processed logits.
+
+    ``log_softmax(process_logits(logits))`` gathered at ``tokens`` (shape
+    ``logits.shape[:-1]``); filtered tokens get ``-inf``. This is what
+    ``compute_transition_scores(..., normalize_logits=True)`` reports in
+    Hugging Face; for greedy configs it is the log-softmax of the
+    (repetition-penalised) logits rather than the degenerate one-hot.
+    """
+    processed = process_logits(logits, config, prev_tokens, prev_mask)
+    tokens = jnp.asarray(tokens)
+    if tokens.shape != processed.shape[:-1]:
+        raise ValueError(f"tokens must have shape {processed.shape[:-1]}, got {tokens.shape}")
+    logp = jax.nn.log_softmax(processed, axis=-1)
+    return jnp.take_along_axis(logp, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
+
+
+def apply_cfg(cond_logits, uncond_logits, scale) -> jax.Array:
+    """Classifier-free guidance: ``u + scale * (c - u)`` in log-softmax space.
+
+    ``c = log_softmax(cond_logits)`` and ``u = log_softmax(uncond_logits)``
+    (as Hugging Face's ``UnbatchedClassifierFreeGuidanceLogitsProcessor``);
+    normalising first makes the mix independent of each input's logit offset.
+    ``scale = 1`` gives the conditional distribution, ``0`` the unconditional
+    one. A token that is ``-inf`` in either input stays ``-inf``. The result is
+    float32 logits (not normalised) to feed to :func:`process_logits` /
+    :func:`sample`. ``scale`` may be a Python float or an array broadcastable
+    to ``[..., 1]`` (e.g. ``[B, 1]`` per row).
+    """
+    c = jax.nn.log_softmax(_f32(cond_logits), axis=-1)
+    u = jax.nn.log_softmax(_f32(uncond_logits), axis=-1)
+    mixed = u + jnp.asarray(scale, jnp.float32) * (c - u)
+    return jnp.where(jnp.isneginf(c) | jnp.isneginf(u), _NEG_INF, mixed)

@@ -1,0 +1,267 @@
+"""Tests for jaxar.decode.sampling against Hugging Face's logits processors."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+from jaxar.decode import sampling as S
+from jaxar.decode.sampling import SamplingConfig
+
+torch = pytest.importorskip("torch")
+lp = pytest.importorskip("transformers.generation.logits_process")
+
+
+def _logits(seed, shape, scale=3.0):
+    return np.random.default_rng(seed).normal(size=shape).astype(np.float32) * scale
+
+
+def _hf(proc, logits, input_ids=None):
+    scores = torch.from_numpy(np.array(logits, np.float32))
+    if input_ids is None:
+        input_ids = torch.zeros((scores.shape[0], 1), dtype=torch.long)
+    else:
+        input_ids = torch.from_numpy(np.asarray(input_ids, np.int64))
+    return proc(input_ids, scores.clone()).numpy()
+
+
+def _assert_same(ours, ref, rtol=1e-6, atol=1e-6):
+    ours, ref = np.asarray(ours), np.asarray(ref)
+    np.testing.assert_array_equal(np.isneginf(ours), np.isneginf(ref))
+    fin = np.isfinite(ref)
+    np.testing.assert_allclose(ours[fin], ref[fin], rtol=rtol, atol=atol)
+
+
+# --------------------------------------------------------------------------- config
+
+def test_config_validate_and_hash():
+    cfg = SamplingConfig(temperature=0.7, top_k=5, top_p=0.9, min_p=0.05, repetition_penalty=1.2)
+    assert cfg.validate() is cfg
+    assert hash(cfg) == hash(SamplingConfig(0.7, np.int64(5), 0.9, 0.05, 1.2))
+    assert SamplingConfig(temperature=0).greedy and not cfg.greedy
+    bad = [
+        (dict(temperature=-0.1), "temperature"),
+        (dict(top_k=-1), "top_k"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(min_p=1.0), "min_p"),
+        (dict(min_p=-0.1), "min_p"),
+        (dict(repetition_penalty=0.0), "repetition_penalty"),
+    ]
+    for kwargs, word in bad:
+        with pytest.raises(ValueError, match=word):
+            SamplingConfig(**kwargs).validate()
+    with pytest.raises(ValueError, match="top_p"):  # process_logits validates too
+        S.process_logits(jnp.zeros((1, 4)), SamplingConfig(top_p=2.0))
+
+
+def test_config_is_a_jit_static_arg():
+    f = jax.jit(S.process_logits, static_argnums=1)
+    x = _logits(0, (2, 16))
+    np.testing.assert_allclose(f(x, SamplingConfig(temperature=0.5)), x / 0.5, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------- processors vs HF
+
+@pytest.mark.parametrize("penalty", [0.7, 1.3, 2.0])
+def test_repetition_penalty_matches_hf(penalty):
+    B, V, L = 4, 50, 12
+    x = _logits(1, (B, V))
+    ids = np.random.default_rng(2).integers(0, V, size=(B, L))
+    ids[:, 3] = ids[:, 5]  # duplicates are penalised once
+    lens = np.array([12, 7, 1, 0])
+    mask = np.arange(L)[None, :] < lens[:, None]
+    ours = np.asarray(S.apply_repetition_penalty(x, ids, mask, penalty))
+    proc = lp.RepetitionPenaltyLogitsProcessor(penalty=penalty)
+    for b in range(B):
+        ref = x[b:b + 1] if lens[b] == 0 else _hf(proc, x[b:b + 1], ids[b:b + 1, :lens[b]])
+        _assert_same(ours[b:b + 1], ref)
+    # No mask: every token counts; ids >= V are ignored like in HF.
+    ids2 = ids.copy()
+    ids2[:, 0] = V + 3
+    _assert_same(S.apply_repetition_penalty(x, ids2, None, penalty), _hf(proc, x, ids2))
+
+
+def test_repetition_penalty_broadcasts_over_positions():
+    x = _logits(3, (2, 3, 20))
+    ids = np.array([[1, 2, 3], [4, 4, 5]])
+    ours = S.apply_repetition_penalty(x, ids[:, None, :], None, 1.5)
+    for t in range(3):
+        np.testing.assert_allclose(ours[:, t], S.apply_repetition_penalty(x[:, t], ids, None, 1.5))
+
+
+@pytest.mark.parametrize("temperature", [0.3, 1.0, 1.7])
+def test_temperature_matches_hf(temperature):
+    x = _logits(4, (3, 40))
+    _assert_same(S.apply_temperature(x, temperature), _hf(lp.TemperatureLogitsWarper(temperature), x))
+
+
+@pytest.mark.parametrize("top_k", [1, 5, 39, 40, 100])
+def test_top_k_matches_hf(top_k):
+    x = _logits(5, (3, 40))
+    x[0, :4] = x[0, 4]  # ties with the k-th value are kept
+    _assert_same(S.apply_top_k(x, top_k), _hf(lp.TopKLogitsWarper(top_k), x))
+
+
+@pytest.mark.parametrize("top_p", [0.05, 0.3, 0.8, 0.95, 0.999])
+def test_top_p_matches_hf(top_p):
+    x = _logits(6, (6, 40), scale=2.0)
+    x[1, 10:20] = 0.5  # a block of ties
+    _assert_same(S.apply_top_p(x, top_p), _hf(lp.TopPLogitsWarper(top_p), x))
+
+
+@pytest.mark.parametrize("min_p", [0.01, 0.1, 0.5, 0.9])
+def test_min_p_matches_hf(min_p):
+    x = _logits(7, (4, 40))
+    _assert_same(S.apply_min_p(x, min_p), _hf(lp.MinPLogitsWarper(min_p), x))
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        SamplingConfig(temperature=0.7, top_k=10, top_p=0.9, min_p=0.05, repetition_penalty=1.3),
+        SamplingConfig(temperature=1.5, top_p=0.6),
+        SamplingConfig(temperature=0.5, top_k=3),
+        SamplingConfig(temperature=1.0, min_p=0.2, repetition_penalty=0.8),
+    ],
+)
+def test_process_logits_matches_hf_chain(cfg):
+    B, V = 4, 64
+    x = _logits(8, (B, V))
+    ids = np.random.default_rng(9).integers(0, V, size=(B, 10))
+    procs = [lp.RepetitionPenaltyLogitsProcessor(cfg.repetition_penalty)] if cfg.repetition_penalty != 1 else []
+    procs.append(lp.TemperatureLogitsWarper(cfg.temperature))
+    if cfg.top_k:
+        procs.append(lp.TopKLogitsWarper(cfg.top_k))
+    if cfg.top_p < 1:
+        procs.append(lp.TopPLogitsWarper(cfg.top_p))
+    if cfg.min_p > 0:
+        procs.append(lp.MinPLogitsWarper(cfg.min_p))
+    ref = _hf(lp.LogitsProcessorList(procs), x, ids)
+    ours = jax.jit(S.process_logits, static_argnums=1)(x, cfg, ids, np.ones_like(ids, bool))
+    assert ours.dtype == jnp.float32
+    _assert_same(ours, ref, rtol=1e-5, atol=1e-5)
+    probs = np.asarray(S.probabilities(x, cfg, ids))
+    np.testing.assert_allclose(probs, torch.softmax(torch.from_numpy(ref), -1).numpy(), atol=1e-6)
+    lps = S.token_logprobs(x, np.zeros(B, np.int32) + np.argmax(ref, -1), cfg, ids)
+    np.testing.assert_allclose(lps, np.log(probs.max(-1)), rtol=1e-5, atol=1e-6)
+
+
+def test_greedy_is_argmax_after_penalty_only():
+    x = _logits(10, (5, 30))
+    ids = np.argmax(x, -1)[:, None]  # penalising the argmax can change the winner
+    cfg = SamplingConfig(temperature=0.0, top_k=1, repetition_penalty=5.0)
+    pen = np.asarray(S.apply_repetition_penalty(x, ids, None, 5.0))
+    toks = S.sample(None, x, cfg, ids)
+    assert toks.dtype == jnp.int32
+    np.testing.assert_array_equal(toks, np.argmax(pen, -1))
+    np.testing.assert_array_equal(S.sample(None, x, SamplingConfig(temperature=0)), np.argmax(x, -1))
+    np.testing.assert_array_equal(S.probabilities(x, cfg, ids), np.eye(30)[np.argmax(pen, -1)])
+
+
+# --------------------------------------------------------------------------- sampling
+
+def _chi2_pvalue(draws, probs):
+    counts = np.bincount(np.asarray(draws), minlength=len(probs))
+    keep = probs > 0
+    assert counts[~keep].sum() == 0, "drew a token of probability zero"
+    return stats.chisquare(counts[keep], probs[keep] * counts.sum()).pvalue
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [SamplingConfig(), SamplingConfig(temperature=0.6), SamplingConfig(top_k=3),
+     SamplingConfig(top_p=0.7), SamplingConfig(min_p=0.2, temperature=1.3)],
+)
+def test_sample_distribution_chi2(cfg):
+    N, V = 20000, 8
+    base = np.log(np.array([0.3, 0.2, 0.15, 0.12, 0.1, 0.07, 0.04, 0.02], np.float32))
+    logits = np.broadcast_to(base, (N, V))
+    keys = S.row_keys(123, N, step=7)
+    draws = jax.jit(S.sample, static_argnums=2)(keys, logits, cfg)
+    probs = np.asarray(S.probabilities(base[None], cfg))[0].astype(np.float64)
+    probs /= probs.sum()
+    if cfg.top_k or cfg.top_p < 1 or cfg.min_p:
+        assert (probs == 0).any()  # the filters actually filtered something
+    assert _chi2_pvalue(draws, probs) > 1e-3
+
+
+def test_sampling_detects_wrong_distribution():
+    # Sanity check of the statistical test itself: a shifted distribution fails.
+    N, V = 20000, 8
+    base = np.log(np.full(V, 1.0 / V, np.float32))
+    draws = S.sample(S.row_keys(1, N), np.broadcast_to(base, (N, V)), SamplingConfig())
+    wrong = np.array([0.2] + [0.8 / 7] * 7)
+    assert _chi2_pvalue(draws, wrong) < 1e-6
+
+
+def test_row_keys_make_rows_independent_of_batch():
+    V = 50
+    logits = _logits(11, (6, V), scale=1.0)
+    cfg = SamplingConfig(temperature=1.0)
+    keys = S.row_keys(5, 6, step=3)
+    full = np.asarray(S.sample(keys, logits, cfg))
+    # Row 2 alone, with its own key, draws the same token.
+    alone = S.sample(keys[2:3], logits[2:3], cfg)
+    assert int(alone[0]) == full[2]
+    # Changing other rows' logits does not change row 2.
+    other = logits.copy()
+    other[[0, 1, 3, 4, 5]] = _logits(12, (5, V))
+    assert int(S.sample(keys, other, cfg)[2]) == full[2]
+    # Same row index, seed and step give the same key regardless of batch size.
+    np.testing.assert_array_equal(jax.random.key_data(S.row_keys(5, 9, 3)[:6]), jax.random.key_data(keys))
+    # Different steps give different draws somewhere.
+    draws = np.stack([np.asarray(S.sample(S.row_keys(5, 6, s), logits, cfg)) for s in range(8)])
+    assert len({tuple(d) for d in draws}) > 1
+    # Raw keys and explicit row ids work too.
+    raw = S.row_keys(jax.random.PRNGKey(0), 6, 3)
+    assert raw.shape == (6, 2) and raw.dtype == jnp.uint32
+    S.sample(raw, logits, cfg)
+    ids = S.row_keys(5, 2, 3, row_ids=jnp.array([2, 4]))
+    np.testing.assert_array_equal(jax.random.key_data(ids), jax.random.key_data(keys[jnp.array([2, 4])]))
+    with pytest.raises(ValueError, match="one key per row"):
+        S.sample(jax.random.PRNGKey(0), logits, cfg)
+
+
+def test_sample_under_jit_with_traced_step():
+    cfg = SamplingConfig(temperature=0.8, top_k=5)
+
+    @functools.partial(jax.jit, static_argnums=2)
+    def step(seed, t, cfg, logits):
+        return S.sample(S.row_keys(seed, logits.shape[0], t), logits, cfg)
+
+    x = _logits(13, (3, 20))
+    a = step(0, 4, cfg, x)
+    b = S.sample(S.row_keys(0, 3, 4), x, cfg)
+    np.testing.assert_array_equal(a, b)
+    kept = np.asarray(S.process_logits(x, cfg)) > -np.inf
+    assert kept[np.arange(3), np.asarray(a)].all()
+
+
+def test_token_logprobs():
+    x = _logits(14, (3, 20))
+    toks = np.array([0, 5, 19])
+    cfg = SamplingConfig(temperature=0.5)
+    ref = jax.nn.log_softmax(x / 0.5, -1)[np.arange(3), toks]
+    np.testing.assert_allclose(S.token_logprobs(x, toks, cfg), ref, rtol=1e-6)
+    lp_k = np.asarray(S.token_logprobs(x, np.argsort(x, -1)[:, 0], SamplingConfig(top_k=2)))
+    assert np.isneginf(lp_k).all()
+
+
+def test_apply_cfg_formula_and_hf():
+    c, u = _logits(15, (2, 30)), _logits(16, (2, 30))
+    lc, lu = jax.nn.log_softmax(c, -1), jax.nn.log_softmax(u, -1)
+    for scale in (0.0, 1.0, 3.0):
+        np.testing.assert_allclose(S.apply_cfg(c, u, scale), lu + scale * (lc - lu), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(S.apply_cfg(c, u, 1.0), lc, atol=1e-5)
+    np.testing.assert_allclose(S.apply_cfg(c + 7.0, u - 2.0, 2.0), S.apply_cfg(c, u, 2.0), atol=1e-5)
+    # Per-row scales and -inf handling.
+    out = S.apply_cfg(c, u, jnp.array([[1.0], [2.0]]))
+    np.testing.assert_allclose(out[0], lc[0], atol=1e-5)
+    c2 = c.copy()
+    c2[0, 3] = -np.inf
+    assert np.isneginf(np.asarray(S.apply_cfg(c2, u, 2.0))[0, 3])
+    assert np.isfinite(np.asarray(S.apply_cfg(c2, u, 2.0))[1]).all()
