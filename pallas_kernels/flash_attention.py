@@ -1,0 +1,563 @@
+"""FlashAttention-2 style fused attention (forward + backward) in Pallas.
+
+Layout: ``q [batch, seq_q, heads, head_dim]``, ``k``/``v``
+``[batch, seq_k, kv_heads, head_dim]`` with ``heads % kv_heads == 0``
+(grouped-query attention).
+
+* Forward: one program per (q block, batch, head); online softmax over the key
+  blocks in fp32; writes the output and the (base-2) logsumexp per row.
+* Backward (``jax.custom_vjp``): ``delta = rowsum(o * do)`` in jnp, then two
+  Pallas kernels that recompute ``p = exp2(s - lse)``:
+  - dK/dV: one program per (k block, batch, kv head); loops over the query
+    heads of its group and over the query blocks, so dK/dV of a KV head are
+    reduced in registers (no per-query-head dK/dV buffer for GQA).
+  - dQ: one program per (q block, batch, head); loops over the key blocks.
+* Sequence lengths that are not block multiples are zero-padded in the wrapper
+  and padded keys are masked. Padded query rows get a zero cotangent, so they
+  contribute nothing to dK/dV.
+
+The kernels only use operations that the Pallas Triton lowering supports
+(power-of-two tiles, ``pl.ds`` loads, ``lax.fori_loop``), so the same code
+runs on GPU (Triton) and on CPU with ``interpret=True``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+
+__all__ = ["flash_attention", "flash_attention_reference"]
+
+# Finite "minus infinity": keeps fully masked rows (padding) free of NaNs.
+MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+_LOG2E = math.log2(math.e)
+_LN2 = math.log(2.0)
+
+DEFAULT_BLOCK_Q = 128
+DEFAULT_BLOCK_K = 64
+# Inner chunk of both backward kernels (the Triton FA-2 tutorial's choice:
+# resident tile of 128, streamed chunks of 32).
+DEFAULT_BLOCK_BWD = 32
+
+
+# ----------------------------------------------------------------------------
+# Small version-robust helpers (shared with decode_attention).
+# ----------------------------------------------------------------------------
+def _next_pow2(x: int) -> int:
+  return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
+
+
+def _is_pow2(x: int) -> bool:
+  return x > 0 and (x & (x - 1)) == 0
+
+
+def _compiler_params(num_warps: int | None, num_stages: int | None):
+  """Triton compiler params, or None where they do not apply (TPU)."""
+  try:
+    if jax.default_backend() == "tpu":
+      return None
+    from jax.experimental.pallas import triton as plgpu  # pylint: disable=g-import-not-at-top
+  except Exception:  # pragma: no cover - triton extras unavailable
+    return None
+  cls = getattr(plgpu, "CompilerParams", None) or getattr(
+      plgpu, "TritonCompilerParams", None)
+  if cls is None:  # pragma: no cover
+    return None
+  return cls(num_warps=num_warps, num_stages=num_stages)
+
+
+def _dot(a, b, *, trans_b: bool = False):
+  """2-D matmul with fp32 accumulation (a @ b or a @ b.T)."""
+  dims = (((1,), (1,)), ((), ())) if trans_b else (((1,), (0,)), ((), ()))
+  return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+
+
+def _dot_tn(a, b):
+  """a.T @ b with fp32 accumulation."""
+  return lax.dot_general(a, b, (((0,), (0,)), ((), ())),
+                         preferred_element_type=jnp.float32)
+
+
+# ----------------------------------------------------------------------------
+# Static configuration.
+# ----------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class _Config:
+  causal: bool
+  sm_scale: float
+  block_q: int
+  block_k: int
+  block_bwd: int      # inner chunk of the backward loops (<= block_k)
+  seq_q: int          # true (unpadded) lengths
+  seq_k: int
+  groups: int         # query heads per kv head
+  has_segments: bool
+  interpret: bool
+  num_warps: int | None
+  num_stages: int | None
+
+  @property
+  def kv_padded(self) -> bool:
+    return self.seq_k % self.block_k != 0 or self.seq_k % self.block_q != 0
+
+
+def _mask_block(cfg: _Config, qk, q_pos, k_pos, q_seg, k_seg, *, causal: bool):
+  """Applies causal / segment / kv-padding masks to a [rows, cols] tile.
+
+  q_pos / k_pos are broadcastable position vectors ([rows, 1] / [1, cols]).
+  """
+  mask = None
+
+  def _and(m, x):
+    return x if m is None else jnp.logical_and(m, x)
+
+  if causal:
+    mask = _and(mask, q_pos >= k_pos)
+  if cfg.kv_padded:
+    mask = _and(mask, k_pos < cfg.seq_k)
+  if q_seg is not None:
+    mask = _and(mask, q_seg == k_seg)
+  if mask is None:
+    return qk
+  return jnp.where(mask, qk, MASK_VALUE)
+
+
+# ----------------------------------------------------------------------------
+# Forward kernel.
+# ----------------------------------------------------------------------------
+def _fwd_kernel(q_ref, k_ref, v_ref, seg_q_ref, seg_k_ref, o_ref, lse_ref, *,
+                cfg: _Config, num_q_blocks: int, num_k_blocks: int):
+  bq, bk = cfg.block_q, cfg.block_k
+  qi = pl.program_id(0)
+  if cfg.causal:  # heaviest blocks first: better tail behaviour on GPU
+    qi = num_q_blocks - 1 - qi
+  q_start = qi * bq
+  q = q_ref[...]                                   # [bq, D]
+  d = q.shape[-1]
+  scale = cfg.sm_scale * _LOG2E                    # work in base 2
+  q_pos = (q_start + lax.broadcasted_iota(jnp.int32, (bq, 1), 0))
+  q_seg = seg_q_ref[...][:, None] if cfg.has_segments else None
+
+  def body(kb, carry, *, causal):
+    acc, m_prev, l_prev = carry
+    k_start = kb * bk
+    k = k_ref[pl.ds(k_start, bk), :]
+    v = v_ref[pl.ds(k_start, bk), :]
+    s = _dot(q, k, trans_b=True) * scale           # [bq, bk] fp32
+    k_pos = k_start + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
+    k_seg = seg_k_ref[pl.ds(k_start, bk)][None, :] if cfg.has_segments else None
+    s = _mask_block(cfg, s, q_pos, k_pos, q_seg, k_seg, causal=causal)
+    m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
+    alpha = jnp.exp2(m_prev - m_new)
+    p = jnp.exp2(s - m_new[:, None])
+    l_new = alpha * l_prev + jnp.sum(p, axis=1)
+    acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
+    return acc, m_new, l_new
+
+  carry = (jnp.zeros((bq, d), jnp.float32),
+           jnp.full((bq,), -jnp.inf, jnp.float32),
+           jnp.zeros((bq,), jnp.float32))
+  if cfg.causal:
+    # Key blocks entirely at or below the diagonal need no causal mask.
+    upper = jnp.minimum(lax.div(q_start + bq + bk - 1, bk), num_k_blocks)
+    n_full = jnp.minimum(lax.div(q_start + 1, bk), upper)
+    carry = lax.fori_loop(0, n_full, functools.partial(body, causal=False),
+                          carry)
+    carry = lax.fori_loop(n_full, upper, functools.partial(body, causal=True),
+                          carry)
+  else:
+    carry = lax.fori_loop(0, num_k_blocks,
+                          functools.partial(body, causal=False), carry)
+  acc, m, l = carry
+  o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
+  lse_ref[...] = m + jnp.log2(l)
+
+
+def _q_block_index(cfg: _Config, num_q_blocks: int):
+  if cfg.causal:
+    return lambda i: num_q_blocks - 1 - i
+  return lambda i: i
+
+
+def _fwd_call(q, k, v, seg, cfg: _Config):
+  batch, sq, heads, d = q.shape
+  sk = k.shape[1]
+  bq, bk, g = cfg.block_q, cfg.block_k, cfg.groups
+  nq, nk = sq // bq, sk // bk
+  qidx = _q_block_index(cfg, nq)
+  kernel = functools.partial(_fwd_kernel, cfg=cfg, num_q_blocks=nq,
+                             num_k_blocks=nk)
+  in_specs = [
+      pl.BlockSpec((None, bq, None, d), lambda i, b, h: (b, qidx(i), h, 0)),
+      pl.BlockSpec((None, sk, None, d),
+                   lambda i, b, h: (b, 0, lax.div(h, g), 0)),
+      pl.BlockSpec((None, sk, None, d),
+                   lambda i, b, h: (b, 0, lax.div(h, g), 0)),
+  ]
+  if cfg.has_segments:
+    in_specs += [pl.BlockSpec((None, bq), lambda i, b, h: (b, qidx(i))),
+                 pl.BlockSpec((None, sk), lambda i, b, h: (b, 0))]
+    seg_args = (seg, seg)
+  else:
+    in_specs += [None, None]
+    seg_args = (None, None)
+  num_warps = cfg.num_warps or (4 if d <= 64 else 8)
+  out, lse = pl.pallas_call(
+      kernel,
+      grid=(nq, batch, heads),
+      in_specs=in_specs,
+      out_specs=[
+          pl.BlockSpec((None, bq, None, d), lambda i, b, h: (b, qidx(i), h, 0)),
+          pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, qidx(i))),
+      ],
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+                 jax.ShapeDtypeStruct((batch, heads, sq), jnp.float32)],
+      compiler_params=_compiler_params(num_warps, cfg.num_stages or 3),
+      interpret=cfg.interpret,
+      name="flash_attention_fwd",
+  )(q, k, v, *seg_args)
+  return out, lse
+
+
+# ----------------------------------------------------------------------------
+# Backward kernels.
+# ----------------------------------------------------------------------------
+def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_q_ref,
+                 seg_k_ref, dk_ref, dv_ref, *, cfg: _Config, num_q_blocks: int):
+  # Key tile of size block_q (the bigger tile stays resident), query chunks of
+  # size block_bwd.
+  bkv, bqc = cfg.block_q, cfg.block_bwd
+  kb = pl.program_id(0)
+  k_start = kb * bkv
+  k = k_ref[...]                                   # [bkv, D]
+  v = v_ref[...]
+  d = k.shape[-1]
+  scale = cfg.sm_scale * _LOG2E
+  k_pos = k_start + lax.broadcasted_iota(jnp.int32, (bkv, 1), 0)
+  k_seg = seg_k_ref[...][:, None] if cfg.has_segments else None
+
+  def q_body(qb, carry, *, j, causal):
+    dk, dv = carry
+    q_start = qb * bqc
+    q = q_ref[pl.ds(q_start, bqc), j, :]           # [bqc, D]
+    do = do_ref[pl.ds(q_start, bqc), j, :]
+    lse = lse_ref[j, pl.ds(q_start, bqc)]          # [bqc]
+    delta = delta_ref[j, pl.ds(q_start, bqc)]
+    st = _dot(k, q, trans_b=True) * scale          # s^T: [bkv, bqc]
+    q_pos = q_start + lax.broadcasted_iota(jnp.int32, (1, bqc), 1)
+    q_seg = (seg_q_ref[pl.ds(q_start, bqc)][None, :]
+             if cfg.has_segments else None)
+    # _mask_block expects (q_pos, k_pos) orientation; pass transposed vectors.
+    st = _mask_block(cfg, st, q_pos, k_pos, q_seg, k_seg, causal=causal)
+    pt = jnp.exp2(st - lse[None, :])               # p^T
+    dv = dv + _dot(pt.astype(do.dtype), do)
+    dpt = _dot(v, do, trans_b=True)                # (do v^T)^T
+    dst = pt * (dpt - delta[None, :])
+    dk = dk + _dot(dst.astype(q.dtype), q)
+    return dk, dv
+
+  def head_body(j, carry):
+    if cfg.causal:
+      lo = lax.div(k_start, bqc)
+      # Query chunks starting at/after the last key of the tile see it all.
+      full = jnp.minimum(lax.div(k_start + bkv - 1 + bqc - 1, bqc),
+                         num_q_blocks)
+      carry = lax.fori_loop(
+          lo, full, functools.partial(q_body, j=j, causal=True), carry)
+      carry = lax.fori_loop(
+          full, num_q_blocks, functools.partial(q_body, j=j, causal=False),
+          carry)
+    else:
+      carry = lax.fori_loop(
+          0, num_q_blocks, functools.partial(q_body, j=j, causal=False), carry)
+    return carry
+
+  carry = (jnp.zeros((bkv, d), jnp.float32), jnp.zeros((bkv, d), jnp.float32))
+  dk, dv = lax.fori_loop(0, cfg.groups, head_body, carry)
+  dk_ref[...] = (dk * cfg.sm_scale).astype(dk_ref.dtype)
+  dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_q_ref,
+               seg_k_ref, dq_ref, *, cfg: _Config, num_q_blocks: int,
+               num_k_blocks: int):
+  bq, bk = cfg.block_q, cfg.block_bwd
+  qi = pl.program_id(0)
+  if cfg.causal:
+    qi = num_q_blocks - 1 - qi
+  q_start = qi * bq
+  q = q_ref[...]
+  do = do_ref[...]
+  lse = lse_ref[...]
+  delta = delta_ref[...]
+  d = q.shape[-1]
+  scale = cfg.sm_scale * _LOG2E
+  q_pos = q_start + lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
+  q_seg = seg_q_ref[...][:, None] if cfg.has_segments else None
+
+  def body(kb, dq, *, causal):
+    k_start = kb * bk
+    k = k_ref[pl.ds(k_start, bk), :]
+    v = v_ref[pl.ds(k_start, bk), :]
+    s = _dot(q, k, trans_b=True) * scale
+    k_pos = k_start + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
+    k_seg = seg_k_ref[pl.ds(k_start, bk)][None, :] if cfg.has_segments else None
+    s = _mask_block(cfg, s, q_pos, k_pos, q_seg, k_seg, causal=causal)
+    p = jnp.exp2(s - lse[:, None])
+    dp = _dot(do, v, trans_b=True)
+    ds = p * (dp - delta[:, None])
+    return dq + _dot(ds.astype(k.dtype), k)
+
+  dq = jnp.zeros((bq, d), jnp.float32)
+  if cfg.causal:
+    upper = jnp.minimum(lax.div(q_start + bq + bk - 1, bk), num_k_blocks)
+    n_full = jnp.minimum(lax.div(q_start + 1, bk), upper)
+    dq = lax.fori_loop(0, n_full, functools.partial(body, causal=False), dq)
+    dq = lax.fori_loop(n_full, upper, functools.partial(body, causal=True), dq)
+  else:
+    dq = lax.fori_loop(0, num_k_blocks, functools.partial(body, causal=False),
+                       dq)
+  dq_ref[...] = (dq * cfg.sm_scale).astype(dq_ref.dtype)
+
+
+def _bwd_call(q, k, v, seg, out, lse, do, cfg: _Config):
+  batch, sq, heads, d = q.shape
+  sk, kv_heads = k.shape[1], k.shape[2]
+  bq, bk, g = cfg.block_q, cfg.block_bwd, cfg.groups
+  # delta_i = sum_d o_id * do_id  (FA-2 preprocessing; XLA fuses this).
+  delta = jnp.einsum("bshd,bshd->bhs", out.astype(jnp.float32),
+                     do.astype(jnp.float32))
+  num_warps = cfg.num_warps or (4 if d <= 64 else 8)
+  params = _compiler_params(num_warps, cfg.num_stages or 2)
+
+  # dK / dV: grid over key tiles of size block_q, query chunks of block_bwd.
+  nkv, nqc = sk // bq, sq // bk
+  seg_specs, seg_args = [None, None], (None, None)
+  if cfg.has_segments:
+    seg_specs = [pl.BlockSpec((None, sq), lambda i, b, h: (b, 0)),
+                 pl.BlockSpec((None, bq), lambda i, b, h: (b, i))]
+    seg_args = (seg, seg)
+  dk, dv = pl.pallas_call(
+      functools.partial(_dkdv_kernel, cfg=cfg, num_q_blocks=nqc),
+      grid=(nkv, batch, kv_heads),
+      in_specs=[
+          pl.BlockSpec((None, sq, g, d), lambda i, b, h: (b, 0, h, 0)),   # q
+          pl.BlockSpec((None, bq, None, d), lambda i, b, h: (b, i, h, 0)),  # k
+          pl.BlockSpec((None, bq, None, d), lambda i, b, h: (b, i, h, 0)),  # v
+          pl.BlockSpec((None, sq, g, d), lambda i, b, h: (b, 0, h, 0)),   # do
+          pl.BlockSpec((None, g, sq), lambda i, b, h: (b, h, 0)),         # lse
+          pl.BlockSpec((None, g, sq), lambda i, b, h: (b, h, 0)),       # delta
+          *seg_specs,
+      ],
+      out_specs=[
+          pl.BlockSpec((None, bq, None, d), lambda i, b, h: (b, i, h, 0)),
+          pl.BlockSpec((None, bq, None, d), lambda i, b, h: (b, i, h, 0)),
+      ],
+      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype),
+                 jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      compiler_params=params,
+      interpret=cfg.interpret,
+      name="flash_attention_bwd_dkdv",
+  )(q, k, v, do, lse, delta, *seg_args)
+
+  # dQ: grid over query tiles of size block_q, key chunks of block_bwd.
+  nq, nk = sq // bq, sk // bk
+  qidx = _q_block_index(cfg, nq)
+  if cfg.has_segments:
+    seg_specs = [pl.BlockSpec((None, bq), lambda i, b, h: (b, qidx(i))),
+                 pl.BlockSpec((None, sk), lambda i, b, h: (b, 0))]
+  q_spec = pl.BlockSpec((None, bq, None, d), lambda i, b, h: (b, qidx(i), h, 0))
+  kv_spec = pl.BlockSpec((None, sk, None, d),
+                         lambda i, b, h: (b, 0, lax.div(h, g), 0))
+  row_spec = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, qidx(i)))
+  dq = pl.pallas_call(
+      functools.partial(_dq_kernel, cfg=cfg, num_q_blocks=nq, num_k_blocks=nk),
+      grid=(nq, batch, heads),
+      in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec,
+                *seg_specs],
+      out_specs=q_spec,
+      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      compiler_params=params,
+      interpret=cfg.interpret,
+      name="flash_attention_bwd_dq",
+  )(q, k, v, do, lse, delta, *seg_args)
+  return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------
+# custom_vjp plumbing (operates on padded arrays).
+# ----------------------------------------------------------------------------
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _flash(q, k, v, seg, cfg: _Config):
+  return _fwd_call(q, k, v, seg, cfg)[0]
+
+
+def _flash_fwd(q, k, v, seg, cfg: _Config):
+  out, lse = _fwd_call(q, k, v, seg, cfg)
+  return out, (q, k, v, seg, out, lse)
+
+
+def _flash_bwd(cfg: _Config, res, do):
+  q, k, v, seg, out, lse = res
+  dq, dk, dv = _bwd_call(q, k, v, seg, out, lse, do, cfg)
+  return dq, dk, dv, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def _pad_axis(x, axis: int, size: int, value=0):
+  if x.shape[axis] == size:
+    return x
+  pad = [(0, 0)] * x.ndim
+  pad[axis] = (0, size - x.shape[axis])
+  return jnp.pad(x, pad, constant_values=value)
+
+
+def _round_up(x: int, m: int) -> int:
+  return -(-x // m) * m
+
+
+def _check_inputs(q, k, v, segment_ids):
+  for name, x in (("q", q), ("k", k), ("v", v)):
+    if getattr(x, "ndim", None) != 4:
+      raise ValueError(
+          f"flash_attention: {name} must be 4-D [batch, seq, heads, head_dim],"
+          f" got shape {getattr(x, 'shape', None)}")
+  if k.shape != v.shape:
+    raise ValueError(f"flash_attention: k and v shapes differ: {k.shape} vs "
+                     f"{v.shape}")
+  if q.shape[0] != k.shape[0]:
+    raise ValueError(f"flash_attention: batch mismatch: q {q.shape[0]} vs k "
+                     f"{k.shape[0]}")
+  if q.shape[3] != k.shape[3]:
+    raise ValueError(f"flash_attention: head_dim mismatch: q {q.shape[3]} vs "
+                     f"k/v {k.shape[3]}")
+  if k.shape[2] == 0 or q.shape[2] % k.shape[2] != 0:
+    raise ValueError(
+        f"flash_attention: heads ({q.shape[2]}) must be a multiple of kv_heads"
+        f" ({k.shape[2]})")
+  if q.shape[1] == 0 or k.shape[1] == 0:
+    raise ValueError("flash_attention: empty sequence")
+  if not (q.dtype == k.dtype == v.dtype):
+    raise ValueError(f"flash_attention: q, k, v dtypes must match, got "
+                     f"{q.dtype}, {k.dtype}, {v.dtype}")
+  if not jnp.issubdtype(q.dtype, jnp.floating):
+    raise ValueError(f"flash_attention: floating inputs required, got "
+                     f"{q.dtype}")
+  if segment_ids is not None:
+    if q.shape[1] != k.shape[1]:
+      raise ValueError("flash_attention: segment_ids require seq_q == seq_k, "
+                       f"got {q.shape[1]} and {k.shape[1]}")
+    if segment_ids.shape != q.shape[:2]:
+      raise ValueError(
+          f"flash_attention: segment_ids must have shape [batch, seq] = "
+          f"{q.shape[:2]}, got {segment_ids.shape}")
+    if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+      raise ValueError("flash_attention: segment_ids must be integers, got "
+                       f"{segment_ids.dtype}")
+
+
+def _check_block(name: str, b: int):
+  if not isinstance(b, (int, np.integer)) or not _is_pow2(int(b)):
+    raise ValueError(f"flash_attention: {name} must be a power of two, got {b}")
+
+
+def flash_attention(q, k, v, *, causal: bool = True, segment_ids=None,
+                    sm_scale: float | None = None, block_q: int | None = None,
+                    block_k: int | None = None, interpret: bool = False,
+                    num_warps: int | None = None,
+                    num_stages: int | None = None):
+  """Fused multi-head / grouped-query attention with a FlashAttention-2 VJP.
+
+  Args:
+    q: ``[batch, seq_q, heads, head_dim]``.
+    k, v: ``[batch, seq_k, kv_heads, head_dim]``; ``heads % kv_heads == 0``.
+    causal: top-left aligned causal mask (query i sees keys j <= i).
+    segment_ids: optional int ``[batch, seq]`` (requires seq_q == seq_k);
+      tokens only attend to tokens with the same id.
+    sm_scale: softmax scale, default ``1/sqrt(head_dim)``.
+    block_q, block_k: tile sizes (powers of two). Defaults 128/64 (H100),
+      clamped to the padded sequence length for short inputs.
+    interpret: run the Pallas kernels in interpret mode (CPU testing).
+    num_warps, num_stages: Triton compiler parameters (GPU only).
+
+  Returns:
+    ``[batch, seq_q, heads, head_dim]`` in ``q.dtype``.
+  """
+  _check_inputs(q, k, v, segment_ids)
+  batch, seq_q, heads, head_dim = q.shape
+  seq_k, kv_heads = k.shape[1], k.shape[2]
+  if sm_scale is None:
+    sm_scale = 1.0 / math.sqrt(head_dim)
+  min_block = 16  # Triton dot tiles need >= 16 rows/cols.
+  if block_q is None:
+    block_q = min(DEFAULT_BLOCK_Q, max(min_block, _next_pow2(seq_q)))
+  if block_k is None:
+    block_k = min(DEFAULT_BLOCK_K, max(min_block, _next_pow2(seq_k)))
+  _check_block("block_q", block_q)
+  _check_block("block_k", block_k)
+  block_q, block_k = int(block_q), int(block_k)
+
+  # Both sequence axes are tiled by both block sizes (fwd/dq use block_q rows
+  # and block_k keys, dkdv the reverse), so pad to the larger (pow2) block.
+  tile = max(block_q, block_k)
+  sq_pad, sk_pad = _round_up(seq_q, tile), _round_up(seq_k, tile)
+  d_pad = max(_next_pow2(head_dim), min_block)
+
+  cfg = _Config(causal=bool(causal), sm_scale=float(sm_scale),
+                block_q=block_q, block_k=block_k,
+                block_bwd=min(block_k, DEFAULT_BLOCK_BWD),
+                seq_q=seq_q, seq_k=seq_k,
+                groups=heads // kv_heads, has_segments=segment_ids is not None,
+                interpret=bool(interpret), num_warps=num_warps,
+                num_stages=num_stages)
+  return _flash_padded(q, k, v, segment_ids, cfg, sq_pad, sk_pad, d_pad)
+
+
+@functools.partial(jax.jit, static_argnums=(4, 5, 6, 7))
+def _flash_padded(q, k, v, segment_ids, cfg, sq_pad, sk_pad, d_pad):
+  seq_q, head_dim = q.shape[1], q.shape[3]
+  qp = _pad_axis(_pad_axis(q, 1, sq_pad), 3, d_pad)
+  kp = _pad_axis(_pad_axis(k, 1, sk_pad), 3, d_pad)
+  vp = _pad_axis(_pad_axis(v, 1, sk_pad), 3, d_pad)
+  seg = None
+  if segment_ids is not None:
+    seg = _pad_axis(segment_ids.astype(jnp.int32), 1, sq_pad, value=-1)
+  out = _flash(qp, kp, vp, seg, cfg)
+  return out[:, :seq_q, :, :head_dim]
+
+
+# ----------------------------------------------------------------------------
+# Reference.
+# ----------------------------------------------------------------------------
+def flash_attention_reference(q, k, v, *, causal: bool = True, segment_ids=None,
+                              sm_scale: float | None = None):
+  """Plain jnp attention, same semantics as :func:`flash_attention`.
+
+  Computes in ``promote_types(q.dtype, float32)`` (float64 under x64 when the
+  inputs are float64) and returns that dtype.
+  """
+  batch, seq_q, heads, head_dim = q.shape
+  seq_k, kv_heads = k.shape[1], k.shape[2]
+  g = heads // kv_heads
+  dtype = jnp.promote_types(q.dtype, jnp.float32)
+  if sm_scale is None:
+    sm_scale = 1.0 / math.sqrt(head_dim)
+  qg = q.astype(dtype).reshape(batch, seq_q, kv_heads, g, head_dim)
+  s = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k.astype(dtype)) * sm_scale
+  mask = jnp.ones((batch, 1, 1, seq_q, seq_k), bool)
+  if causal:
+    mask &= (jnp.arange(seq_q)[:, None] >= jnp.arange(seq_k)[None, :])
+  if segment_ids is not None:
+    mask &= (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None, None]
+  s = jnp.where(mask, s, -jnp.inf)
+  p = jax.nn.softmax(s, axis=-1)
+  out = jnp.einsum("bhgqk,bkhd->bqhgd", p, v.astype(dtype))
+  return out.reshape(batch, seq_q, heads, head_dim)
