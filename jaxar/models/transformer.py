@@ -23,6 +23,7 @@ layers are run with `nn.scan`, unrolled when `config.scan_layers` is False):
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import flax.linen as nn
@@ -144,6 +145,14 @@ def forward(params, tokens, *, config: ModelConfig, positions=None, cache: Optio
         raise ValueError(f"tokens must be [batch, T], got shape {tokens.shape}")
     if not jnp.issubdtype(tokens.dtype, jnp.integer):
         raise ValueError(f"tokens must be integers, got {tokens.dtype}")
+    if cache is not None and cache.batch != tokens.shape[0]:
+        raise ValueError(f"cache has {cache.batch} rows but tokens has {tokens.shape[0]}")
+    return _forward_jit(params, tokens, positions, cache, segment_ids, num_new, tree_mask, config=config,
+                        return_hidden=return_hidden)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "return_hidden"))
+def _forward_jit(params, tokens, positions, cache, segment_ids, num_new, tree_mask, *, config, return_hidden):
     B, T = tokens.shape
     model = Transformer(config)
     if cache is None:
@@ -153,8 +162,6 @@ def forward(params, tokens, *, config: ModelConfig, positions=None, cache: Optio
                           return_hidden=return_hidden)
         return (out[0], None) + tuple(out[2:])
 
-    if cache.batch != B:
-        raise ValueError(f"cache has {cache.batch} rows but tokens has {B}")
     start = cache.lengths.astype(jnp.int32)
     # [batch, T]
     write_slots = start[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
