@@ -1,0 +1,193 @@
+"""jaxar.decode.generate / beam_search against transformers' generate on the same weights."""
+
+import numpy as np
+import pytest
+import torch
+
+import jaxar
+from jaxar.decode.generate import FINISH_LENGTH, FINISH_STOP, beam_search, generate, pad_prompts
+from jaxar.decode.sampling import SamplingConfig
+from tests.hf_models import make_hf_model
+
+PROMPT_LENS = [3, 9, 1, 6]
+
+
+def _load(name, tmp_path, seed=0):
+    model = make_hf_model(name, seed=seed)
+    model.save_pretrained(tmp_path)
+    config, params = jaxar.from_pretrained(str(tmp_path))
+    return model, config, params
+
+
+def _prompts(vocab, lens, seed=0):
+    rng = np.random.default_rng(seed)
+    return [list(rng.integers(3, vocab, size=n)) for n in lens]
+
+
+def _hf_generate(model, prompt, **kw):
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                             pad_token_id=0, **kw)
+    return out[0, len(prompt):].tolist()
+
+
+def _strip(tokens, n):
+    return [int(t) for t in tokens[:n]]
+
+
+@pytest.mark.parametrize("name", ["llama_gqa", "gpt2"])
+def test_greedy_equals_transformers_row_by_row(tmp_path, name):
+    model, config, params = _load(name, tmp_path)
+    # An EOS id that the random model does emit, so stopping is exercised.
+    eos = 5
+    prompts = _prompts(config.vocab_size, PROMPT_LENS)
+    toks, lens = pad_prompts(prompts)
+    out = generate(params, toks, lens, config=config, max_new_tokens=12, eos_ids=[eos])
+    for b, prompt in enumerate(prompts):
+        ref = _hf_generate(model, prompt, max_new_tokens=12, do_sample=False, eos_token_id=eos)
+        n = int(out.num_tokens[b])
+        assert _strip(out.tokens[b], n) == ref[:n] and (n == len(ref) or ref[n] == 0)
+        expected_reason = FINISH_STOP if ref[n - 1] == eos else FINISH_LENGTH
+        assert int(out.finish_reason[b]) == expected_reason
+
+
+def test_ragged_batch_equals_each_prompt_alone(tmp_path):
+    _, config, params = _load("qwen2", tmp_path)
+    prompts = _prompts(config.vocab_size, PROMPT_LENS, seed=1)
+    sampling = SamplingConfig(temperature=0.9, top_k=20)
+    toks, lens = pad_prompts(prompts)
+    batch = generate(params, toks, lens, config=config, max_new_tokens=10, sampling=sampling, seed=7)
+    for b, prompt in enumerate(prompts):
+        # alone: same row index so the per-row random stream is the same
+        solo_prompts = [prompts[0]] * len(prompts)
+        solo_prompts[b] = prompt
+        t, l_ = pad_prompts(solo_prompts)
+        solo = generate(params, t, l_, config=config, max_new_tokens=10, sampling=sampling, seed=7)
+        np.testing.assert_array_equal(batch.tokens[b], solo.tokens[b])
+    # greedy: truly alone (batch of one)
+    greedy = generate(params, toks, lens, config=config, max_new_tokens=8)
+    for b, prompt in enumerate(prompts):
+        t, l_ = pad_prompts([prompt])
+        np.testing.assert_array_equal(greedy.tokens[b], generate(params, t, l_, config=config, max_new_tokens=8).tokens[0])
+
+
+def test_repetition_penalty_and_logprobs_match_transformers(tmp_path):
+    model, config, params = _load("llama_gqa", tmp_path, seed=2)
+    prompts = _prompts(config.vocab_size, [4, 7], seed=2)
+    toks, lens = pad_prompts(prompts)
+    sampling = SamplingConfig(temperature=0.0, repetition_penalty=1.7)
+    out = generate(params, toks, lens, config=config, max_new_tokens=10, sampling=sampling, eos_ids=[],
+                   return_logprobs=True)
+    for b, prompt in enumerate(prompts):
+        with torch.no_grad():
+            ref = model.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False, repetition_penalty=1.7,
+                                 eos_token_id=None, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+        ref_tokens = ref.sequences[0, len(prompt):].tolist()
+        assert out.tokens[b].tolist() == ref_tokens
+        # HF scores are the processed logits; the log-softmax of them at the chosen token is the logprob
+        ref_lp = [torch.log_softmax(s[0], -1)[t].item() for s, t in zip(ref.scores, ref_tokens)]
+        np.testing.assert_allclose(out.logprobs[b], ref_lp, rtol=1e-4, atol=1e-4)
+
+
+def test_per_row_budgets_and_no_eos(tmp_path):
+    _, config, params = _load("gpt2", tmp_path)
+    toks, lens = pad_prompts(_prompts(config.vocab_size, [2, 5, 3]))
+    out = generate(params, toks, lens, config=config, max_new_tokens=9, budgets=[9, 3, 1], eos_ids=[], pad_id=-1)
+    assert out.num_tokens.tolist() == [9, 3, 1]
+    assert out.finish_reason.tolist() == [FINISH_LENGTH] * 3
+    assert (np.asarray(out.tokens[1, 3:]) == -1).all() and (np.asarray(out.tokens[2, 1:]) == -1).all()
+
+
+def test_temperature_one_samples_the_model_distribution(tmp_path):
+    """Many rows sampling the first new token from the same prompt: the
+    empirical histogram matches the model's softmax (chi-squared test)."""
+    from scipy import stats
+
+    config = jaxar.ModelConfig.llama(vocab_size=6, d_model=16, n_layers=1, n_heads=2, mlp_dim=16, max_seq_len=32,
+                                     initializer_range=0.5)
+    params = jaxar.init_params(config, 0)
+    prompt = [1, 2, 3]
+    rows = 4000
+    toks, lens = pad_prompts([prompt] * rows)
+    out = generate(params, toks, lens, config=config, max_new_tokens=1, sampling=SamplingConfig(temperature=1.0),
+                   seed=3, eos_ids=[])
+    probs = np.asarray(jax_softmax(jaxar.forward(params, np.array([prompt]), config=config)[0][0, -1]))
+    counts = np.bincount(np.asarray(out.tokens[:, 0]), minlength=6)
+    assert stats.chisquare(counts, probs * rows).pvalue > 1e-3
+
+
+def jax_softmax(x):
+    x = np.asarray(x, np.float64)
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+def test_classifier_free_guidance_mixes_logits(tmp_path):
+    _, config, params = _load("llama_gqa", tmp_path, seed=4)
+    cond, uncond = _prompts(config.vocab_size, [5, 2], seed=4)
+    toks, lens = pad_prompts([cond])
+    utoks, ulens = pad_prompts([uncond])
+    out = generate(params, toks, lens, config=config, max_new_tokens=4, cfg_scale=3.0, uncond_prompts=utoks,
+                   uncond_lengths=ulens, eos_ids=[])
+    # reference: a python loop of full forwards, mixing log-softmaxes
+    c, u = list(cond), list(uncond)
+    for _ in range(4):
+        lc = np.log(jax_softmax(jaxar.forward(params, np.array([c]), config=config)[0][0, -1]))
+        lu = np.log(jax_softmax(jaxar.forward(params, np.array([u]), config=config)[0][0, -1]))
+        t = int(np.argmax(lu + 3.0 * (lc - lu)))
+        c.append(t)
+        u.append(t)
+    assert out.tokens[0].tolist() == c[len(cond):]
+
+
+@pytest.mark.parametrize("name,num_beams,eos", [("llama_gqa", 3, 5), ("gpt2", 4, None), ("qwen2", 2, 7)])
+def test_beam_search_equals_transformers(tmp_path, name, num_beams, eos):
+    model, config, params = _load(name, tmp_path, seed=5)
+    prompts = _prompts(config.vocab_size, [4, 7, 2], seed=5)
+    toks, lens = pad_prompts(prompts)
+    out = beam_search(params, toks, lens, config=config, max_new_tokens=8, num_beams=num_beams,
+                      eos_ids=[] if eos is None else [eos])
+    for b, prompt in enumerate(prompts):
+        ref = _hf_generate(model, prompt, max_new_tokens=8, num_beams=num_beams, do_sample=False,
+                           eos_token_id=eos, early_stopping=False)
+        n = int(out.num_tokens[b, 0])
+        ref = [t for t in ref]
+        assert _strip(out.tokens[b, 0], n) == ref[:n], (b, out.tokens[b, 0], ref)
+        assert all(t == 0 for t in ref[n:])
+
+
+def test_diverse_beam_search_matches_python_reference(tmp_path):
+    _, config, params = _load("llama_gqa", tmp_path, seed=6)
+    prompt = _prompts(config.vocab_size, [5], seed=6)[0]
+    toks, lens = pad_prompts([prompt])
+    out = beam_search(params, toks, lens, config=config, max_new_tokens=4, num_beams=4, num_beam_groups=2,
+                      diversity_penalty=2.0, num_return_sequences=4, eos_ids=[])
+    ref = _diverse_reference(params, config, prompt, steps=4, groups=2, per_group=2, penalty=2.0)
+    got = {tuple(int(t) for t in seq) for seq in np.asarray(out.tokens[0])}
+    assert got == set(ref)
+    # groups are pushed apart: the two groups' best beams differ
+    assert len(got) == 4
+
+
+def _diverse_reference(params, config, prompt, steps, groups, per_group, penalty):
+    """Plain-python diverse beam search without EOS (all hypotheses end at `steps`)."""
+
+    def logp(seq):
+        return np.log(jax_softmax(jaxar.forward(params, np.array([prompt + seq]), config=config)[0][0, -1]))
+
+    beams = [[([], 0.0)] for _ in range(groups)]
+    for _ in range(steps):
+        counts = np.zeros(config.vocab_size)
+        new_beams = []
+        for g in range(groups):
+            cands = []
+            for seq, score in beams[g]:
+                lp = logp(seq) - penalty * counts
+                cands += [(seq + [t], score + lp[t]) for t in range(config.vocab_size)]
+            cands.sort(key=lambda c: -c[1])
+            chosen = cands[:per_group]
+            for seq, _ in chosen:
+                counts[seq[-1]] += 1
+            new_beams.append(chosen)
+        beams = new_beams
+    return [tuple(seq) for group in beams for seq, _ in group]
