@@ -62,7 +62,7 @@ import sys
 import sysconfig
 import tarfile
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import grain
 import numpy as np
@@ -204,7 +204,8 @@ def _is_jsonl(path: Path) -> bool:
 def _read_jsonl(path: Path, text_field: str) -> list[str]:
     docs = []
     text = _decode(_read_bytes(path))
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    # split("\n"), not splitlines(): JSON strings may hold U+2028 and other line separators.
+    for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
