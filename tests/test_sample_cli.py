@@ -1,0 +1,117 @@
+"""sample.py: output contract and one-line errors (exit 2) for bad input."""
+
+import io
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import jaxar
+from jaxar.decode.cli import run
+from jaxar.decode.generate import generate, pad_prompts
+from jaxar.tokenizer import ByteTokenizer
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("m") / "model"
+    config = jaxar.ModelConfig.llama(vocab_size=257, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_dim=64,
+                                     max_seq_len=64, eos_token_id=256, initializer_range=0.2)
+    jaxar.save_pretrained(config, jaxar.init_params(config, 0), str(path), tokenizer=ByteTokenizer())
+    return str(path)
+
+
+def _run(argv, capsys):
+    out = io.StringIO()
+    code = run(argv + ["--no-progress"], stdout=out)
+    err = capsys.readouterr().err
+    return code, [json.loads(line) for line in out.getvalue().splitlines()], err
+
+
+def test_text_and_token_prompts_in_input_order(model_dir, tmp_path, capsys):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "Hello"}\n{"tokens": [72, 105]}\n\n{"prompt": "a longer prompt here"}\n')
+    stats = tmp_path / "stats.json"
+    code, rows, _ = _run(["--model", model_dir, "--prompts", str(prompts), "--temperature", "0",
+                          "--max-new-tokens", "7", "--batch-size", "2", "--stats", str(stats)], capsys)
+    assert code == 0 and len(rows) == 3
+    assert [r["prompt"] for r in rows] == ["Hello", None, "a longer prompt here"] or rows[1]["prompt"] == [72, 105]
+    config, params = jaxar.from_pretrained(model_dir)
+    tok = ByteTokenizer()
+    for row, ids in zip(rows, [tok.encode("Hello"), [72, 105], tok.encode("a longer prompt here")]):
+        t, l_ = pad_prompts([ids])
+        ref = generate(params, t, l_, config=config, max_new_tokens=7)
+        n = int(ref.num_tokens[0])
+        assert row["tokens"] == [int(x) for x in ref.tokens[0, :n]]
+        assert row["finish_reason"] == ("stop" if row["tokens"][-1] == 256 else "length")
+        assert row["completion"] == tok.decode([x for x in row["tokens"] if x != 256])
+    s = json.loads(stats.read_text())
+    assert s["generated_tokens"] == sum(len(r["tokens"]) for r in rows) and s["tokens_per_s"] > 0
+
+
+def test_output_file_and_sampling_flags(model_dir, tmp_path, capsys):
+    out = tmp_path / "out.jsonl"
+    code, _, _ = _run(["--model", model_dir, "--prompt", "x", "--prompt", "yz", "--temperature", "0.8",
+                       "--top-k", "5", "--top-p", "0.9", "--min-p", "0.05", "--seed", "3",
+                       "--max-new-tokens", "5", "--output", str(out)], capsys)
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert code == 0 and [r["prompt"] for r in rows] == ["x", "yz"]
+    assert all(1 <= len(r["tokens"]) <= 5 for r in rows)
+
+
+def test_beam_search_flag(model_dir, capsys):
+    code, rows, _ = _run(["--model", model_dir, "--prompt", "ab", "--num-beams", "3", "--temperature", "0",
+                          "--max-new-tokens", "4"], capsys)
+    assert code == 0 and 1 <= len(rows[0]["tokens"]) <= 4
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--max-new-tokens", "-1"], "--max-new-tokens must be >= 1"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--top-p", "1.5"], r"--top-p must be in \(0, 1\]"),
+    (["--top-p", "0"], r"--top-p must be in \(0, 1\]"),
+    (["--top-k", "-2"], "--top-k must be >= 0"),
+    (["--temperature", "-1"], "--temperature must be >= 0"),
+    (["--min-p", "1"], "--min-p must be in"),
+    (["--num-beams", "2"], "pass --temperature 0"),
+    (["--max-new-tokens", "60"], "exceeds the model's context of 64"),
+])
+def test_bad_flags_exit_2_with_one_line(model_dir, capsys, extra, message):
+    code, rows, err = _run(["--model", model_dir, "--prompt", "hello"] + extra, capsys)
+    assert code == 2 and rows == []
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert __import__("re").search(message, err)
+
+
+def test_bad_prompt_files_and_models(model_dir, tmp_path, capsys):
+    bad_json = tmp_path / "bad.jsonl"
+    bad_json.write_text('{"prompt": "ok"}\n{"prompt": "oops"\n')
+    out_of_vocab = tmp_path / "oov.jsonl"
+    out_of_vocab.write_text('{"tokens": [1, 2, 999]}\n')
+    cases = [
+        (["--model", model_dir, "--prompts", str(bad_json)], "bad.jsonl:2: malformed JSON"),
+        (["--model", model_dir, "--prompts", str(out_of_vocab)], "token id 999 is outside the vocabulary"),
+        (["--model", model_dir, "--prompts", str(tmp_path / "none.jsonl")], "no such file"),
+        (["--model", str(tmp_path / "missing"), "--prompt", "a"], "no such directory"),
+        (["--model", str(tmp_path), "--prompt", "a"], "neither a Hugging Face model directory"),
+        (["--model", model_dir], "give prompts with --prompt"),
+    ]
+    for argv, message in cases:
+        code, rows, err = _run(argv, capsys)
+        assert code == 2, argv
+        assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+
+
+def test_sample_py_script_runs_as_a_program(model_dir):
+    proc = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--model", model_dir, "--prompt", "hi",
+                           "--max-new-tokens", "3", "--temperature", "0"], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    row = json.loads(proc.stdout.strip())
+    assert set(row) == {"prompt", "completion", "tokens", "finish_reason"}
+    bad = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--model", model_dir, "--prompt", "hi",
+                          "--top-p", "2"], capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1
