@@ -17,7 +17,8 @@ an unnormalised partial (o, m, l); the partials are merged in jnp.
 
 The cache is never padded or copied along ``max_len``: the last block is
 loaded from ``max_len - block_k`` (clamped start) and the keys it shares with
-the previous block are masked out.
+the previous block are masked out. Slots at or past ``lengths[b]`` may hold
+arbitrary values (including NaN); they never reach the output.
 """
 from __future__ import annotations
 
@@ -103,6 +104,11 @@ def _decode_kernel(len_ref, q_ref, k_ref, v_ref, bits_ref, o_ref, m_ref, l_ref,
         else:
           vis = k_pos <= q_pos
         s = jnp.where(valid & vis, s, MASK_VALUE)
+        # Slots past the length may hold anything (even NaN/inf): p == 0
+        # there, but 0 * NaN is NaN, so zero those V rows too.
+        row_pos = start + lax.broadcasted_iota(jnp.int32, (bk, 1), 0)
+        v = jnp.where((row_pos >= nominal) & (row_pos < length), v,
+                      jnp.zeros_like(v))
       m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
       alpha = jnp.exp2(m_prev - m_new)
       p = jnp.exp2(s - m_new[:, None])

@@ -20,21 +20,35 @@ def _x64():
   return enable_x64()
 
 
+def _run(fn, *args, **kwargs):
+  """jit + run with XLA's backend optimisations off: interpret-mode kernels
+  are tiny, and this halves the CPU compile time that dominates the tests."""
+  jitted = jax.jit(functools.partial(fn, **kwargs))
+  lowered = jitted.lower(*args)
+  try:
+    compiled = lowered.compile({"xla_backend_optimization_level": 0})
+  except Exception:  # option unknown to this jaxlib
+    compiled = lowered.compile()
+  return compiled(*args)
+
+
 def _rel(a, b):
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
 
 
 def _inputs(seed, b, sq, sk, h, kh, d, dtype=jnp.float32, segments=False):
-  ks = jax.random.split(jax.random.PRNGKey(seed), 5)
-  q = jax.random.normal(ks[0], (b, sq, h, d), jnp.float32).astype(dtype)
-  k = jax.random.normal(ks[1], (b, sk, kh, d), jnp.float32).astype(dtype)
-  v = jax.random.normal(ks[2], (b, sk, kh, d), jnp.float32).astype(dtype)
-  ct = jax.random.normal(ks[3], (b, sq, h, d), jnp.float32)
+  rng = np.random.default_rng(seed)
+  normal = lambda *s: rng.standard_normal(s, np.float32)
+  q = jnp.asarray(normal(b, sq, h, d)).astype(dtype)
+  k = jnp.asarray(normal(b, sk, kh, d)).astype(dtype)
+  v = jnp.asarray(normal(b, sk, kh, d)).astype(dtype)
+  ct = jnp.asarray(normal(b, sq, h, d))
   seg = None
   if segments:  # packed documents: sorted ids, plus one row with a single id
-    seg = jnp.sort(jax.random.randint(ks[4], (b, sq), 0, 3), axis=1)
-    seg = seg.at[0].set(7)
+    seg = np.sort(rng.integers(0, 3, (b, sq)), axis=1).astype(np.int32)
+    seg[0] = 7
+    seg = jnp.asarray(seg)
   return q, k, v, ct, seg
 
 
@@ -44,14 +58,13 @@ def _reference_vjp(q, k, v, ct, seg, causal):
     args = [jnp.asarray(np.asarray(x, np.float64)) for x in (q, k, v, ct)]
     seg64 = None if seg is None else jnp.asarray(np.asarray(seg))
 
-    @jax.jit
     def run(q, k, v, ct):
       f = functools.partial(flash_attention_reference, causal=causal,
                             segment_ids=seg64)
       out, vjp = jax.vjp(f, q, k, v)
       return out, vjp(ct)
 
-    out, grads = run(*args)
+    out, grads = _run(run, *args)
     return np.asarray(out), [np.asarray(g) for g in grads]
 
 
@@ -83,12 +96,11 @@ def test_forward_and_gradients(b, sq, sk, h, kh, d, causal, segments, block_q,
   f = functools.partial(flash_attention, causal=causal, segment_ids=seg,
                         block_q=block_q, block_k=block_k, interpret=True)
 
-  @jax.jit
   def run(q, k, v, ct):
     out, vjp = jax.vjp(f, q, k, v)
     return out, vjp(ct)
 
-  out, grads = run(q, k, v, ct)
+  out, grads = _run(run, q, k, v, ct)
   ref_out, ref_grads = _reference_vjp(q, k, v, ct, seg, causal)
   assert out.shape == q.shape and out.dtype == q.dtype
   assert _rel(out, ref_out) < 1e-4
@@ -100,34 +112,34 @@ def test_forward_and_gradients(b, sq, sk, h, kh, d, causal, segments, block_q,
 
 def test_bf16_forward():
   q, k, v, _, _ = _inputs(1, 2, 37, 37, 4, 2, 32, dtype=jnp.bfloat16)
-  out = flash_attention(q, k, v, causal=True, block_q=16, block_k=16,
-                        interpret=True)
+  out = _run(flash_attention, q, k, v, causal=True, block_q=16, block_k=16,
+             interpret=True)
   assert out.dtype == jnp.bfloat16
   with _x64():
-    ref = jax.jit(functools.partial(flash_attention_reference, causal=True))(
-        *[jnp.asarray(np.asarray(x.astype(jnp.float32), np.float64))
-          for x in (q, k, v)])
+    ref = _run(flash_attention_reference,
+               *[jnp.asarray(np.asarray(x.astype(jnp.float32), np.float64))
+                 for x in (q, k, v)], causal=True)
   assert _rel(out.astype(jnp.float32), ref) < 2e-2
 
 
 def test_sm_scale_forwarded():
   q, k, v, _, _ = _inputs(2, 1, 16, 16, 2, 2, 16)
-  out = flash_attention(q, k, v, causal=False, sm_scale=0.3, block_q=16,
-                        block_k=16, interpret=True)
+  out = _run(flash_attention, q, k, v, causal=False, sm_scale=0.3,
+             block_q=16, block_k=16, interpret=True)
   with _x64():
-    ref = jax.jit(functools.partial(flash_attention_reference, causal=False,
-                                    sm_scale=0.3))(
-        *[jnp.asarray(np.asarray(x, np.float64)) for x in (q, k, v)])
+    ref = _run(flash_attention_reference,
+               *[jnp.asarray(np.asarray(x, np.float64)) for x in (q, k, v)],
+               causal=False, sm_scale=0.3)
   assert _rel(out, ref) < 1e-4
 
 
 def test_reference_matches_naive_loop():
   """The reference itself against an explicit per-query numpy loop."""
   q, k, v, _, seg = _inputs(3, 1, 9, 9, 4, 2, 8, segments=True)
-  seg = seg.at[0].set(jnp.array([0, 0, 0, 1, 1, 2, 2, 2, 2]))
+  seg = np.array([[0, 0, 0, 1, 1, 2, 2, 2, 2]])
   q, k, v, seg = map(np.asarray, (q, k, v, seg))
-  ref = np.asarray(jax.jit(functools.partial(
-      flash_attention_reference, causal=True))(q, k, v, segment_ids=seg))
+  ref = np.asarray(_run(flash_attention_reference, q, k, v, causal=True,
+                        segment_ids=seg))
   want = np.zeros_like(ref)
   for hq in range(4):
     hk = hq // 2
