@@ -217,6 +217,14 @@ def test_kernel_matches_reference(B, k, V, block_v, deterministic):
     p, q, x, u, e = _random_case(B * 100 + k, B, k, V)
     if k >= 2 and B >= 4:
         p, q, x, u = _add_extreme_rows(p, q, x, u)
+    if block_v > V:  # also: bf16 probabilities are upcast identically by both
+        p = np.asarray(jnp.asarray(p, jnp.bfloat16).astype(jnp.float32))
+        q = np.asarray(jnp.asarray(q, jnp.bfloat16).astype(jnp.float32))
+        n, nxt = verify(jnp.asarray(p, jnp.bfloat16), jnp.asarray(q, jnp.bfloat16), x, u, e,
+                        block_v=block_v, interpret=True)
+        rn, rt = verify_reference(p, q, x, u, e)
+        np.testing.assert_array_equal(n, rn)
+        np.testing.assert_array_equal(nxt, rt)
     qq = None if deterministic else q
     n, nxt = verify(p, qq, x, u, e, block_v=block_v, interpret=True)
     rn, rt = verify_reference(p, qq, x, u, e)
