@@ -157,7 +157,9 @@ def _decode(q, k, v, lengths, tree_mask, cfg: _Config):
   g, rows = cfg.groups, cfg.rows
   d_pad = max(_next_pow2(head_dim), _MIN_TILE)
   # Fold (T, group) into the query rows of each kv head.
-  qr = q.reshape(batch, t, kv_heads, g, head_dim).transpose(0, 2, 1, 3, 4)
+  # The kernel's matmuls take the cache dtype (the cache is never cast).
+  qr = q.astype(k.dtype).reshape(batch, t, kv_heads, g, head_dim)
+  qr = qr.transpose(0, 2, 1, 3, 4)
   qr = qr.reshape(batch, kv_heads, t * g, head_dim)
   qr = jnp.pad(qr, ((0, 0), (0, 0), (0, rows - t * g), (0, d_pad - head_dim)))
   max_len = k.shape[1]
@@ -241,12 +243,13 @@ def _check_inputs(q, k, v, lengths, tree_mask):
   if t < 1 or t > k.shape[1]:
     raise ValueError(f"decode_attention: need 1 <= T <= max_len, got T={t}, "
                      f"max_len={k.shape[1]}")
-  if not (q.dtype == k.dtype == v.dtype):
-    raise ValueError(f"decode_attention: q, k, v dtypes must match, got "
-                     f"{q.dtype}, {k.dtype}, {v.dtype}")
-  if not jnp.issubdtype(q.dtype, jnp.floating):
+  if k.dtype != v.dtype:
+    raise ValueError(f"decode_attention: k and v dtypes must match, got "
+                     f"{k.dtype}, {v.dtype}")
+  if not (jnp.issubdtype(q.dtype, jnp.floating)
+          and jnp.issubdtype(k.dtype, jnp.floating)):
     raise ValueError(f"decode_attention: floating inputs required, got "
-                     f"{q.dtype}")
+                     f"q {q.dtype}, cache {k.dtype}")
   if getattr(lengths, "shape", None) != (batch,):
     raise ValueError(f"decode_attention: lengths must have shape ({batch},), "
                      f"got {getattr(lengths, 'shape', None)}")
@@ -290,7 +293,8 @@ def decode_attention(q, k, v, lengths, *, sm_scale: float | None = None,
     num_warps, num_stages: Triton compiler parameters (GPU only).
 
   Returns:
-    ``[batch, T, heads, head_dim]`` in ``q.dtype``.
+    ``[batch, T, heads, head_dim]`` in ``q.dtype``. If ``q.dtype`` differs
+    from the cache dtype, q is cast to the cache dtype for the matmuls.
   """
   _check_inputs(q, k, v, lengths, tree_mask)
   batch, t, heads, head_dim = q.shape

@@ -121,11 +121,14 @@ def test_garbage_beyond_length_is_ignored():
   assert _rel(out, ref) < 1e-4
 
 
-def test_bf16():
+@pytest.mark.parametrize("q_dtype", [jnp.bfloat16, jnp.float32])
+def test_bf16_cache(q_dtype):
+  """bf16 cache; q either bf16 or float32 (cast to the cache dtype)."""
   q, k, v = _inputs(6, 2, 4, 4, 2, 32, 40, dtype=jnp.bfloat16)
+  q = q.astype(q_dtype)
   lengths = jnp.array([40, 9], jnp.int32)
   out = _run(decode_attention, q, k, v, lengths, block_k=16, interpret=True)
-  assert out.dtype == jnp.bfloat16
+  assert out.dtype == q_dtype
   ref = _reference(*(x.astype(jnp.float32) for x in (q, k, v)), lengths)
   assert _rel(out.astype(jnp.float32), ref) < 2e-2
 
@@ -184,14 +187,16 @@ def test_decode_reference_matches_prefill_reference():
     (dict(q=(2, 20, 4, 16)), "T <= max_len"),
     (dict(tree=(2, 4, 3)), "tree_mask must have shape"),
     (dict(block_k=24), "power of two"),
+    (dict(vdtype=jnp.bfloat16), "k and v dtypes must match"),
 ])
 def test_bad_inputs(change, match):
   q = jnp.zeros(change.get("q", (2, 3, 4, 16)), jnp.float32)
   k = jnp.zeros(change.get("k", (2, 16, 2, 16)), jnp.float32)
   lengths = jnp.asarray(change.get("lengths", [4, 8]), jnp.int32)
   tree = (jnp.ones(change["tree"], bool) if "tree" in change else None)
+  v = k.astype(change.get("vdtype", k.dtype))
   with pytest.raises(ValueError, match=match):
-    decode_attention(q, k, k, lengths, tree_mask=tree,
+    decode_attention(q, k, v, lengths, tree_mask=tree,
                      block_k=change.get("block_k"), interpret=True)
 
 

@@ -198,7 +198,7 @@ def test_triton_lowering(causal, segments, d):
 
 
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
-@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-3),
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-2),
                                        (jnp.bfloat16, 3e-2)])
 def test_gpu_compiled(dtype, tol):
   q, k, v, ct, seg = _inputs(4, 2, 300, 300, 8, 2, 64, dtype=dtype,
@@ -209,7 +209,8 @@ def test_gpu_compiled(dtype, tol):
   grads = vjp(ct)
   ref_out, ref_grads = _reference_vjp(
       *[x.astype(jnp.float32) for x in (q, k, v, ct)], seg, True)
-  # fp32 dots on GPU may use TF32-free IEEE in Triton; keep a loose bound.
+  # Smoke test of the compiled kernels; loose bound in case fp32 dots run
+  # in TF32 on some jax versions.
   assert _rel(out.astype(jnp.float32), ref_out) < tol
   for g, rg in zip(grads, ref_grads):
     assert _rel(g.astype(jnp.float32), rg) < tol * 2
