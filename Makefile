@@ -21,7 +21,7 @@ demo: setup
 	$(BIN)/python sample.py --model runs/shakespeare --prompt "ROMEO:" --prompt "To be, or not" --max-new-tokens 200 --temperature 0.8 --seed 0
 
 test: setup
-	JAX_PLATFORMS=cpu $(BIN)/python -m pytest -q -n 2 --durations=15
+	JAX_PLATFORMS=cpu $(BIN)/python -m pytest -n 2 --durations=15
 
 clean:
 	rm -rf $(VENV) runs
