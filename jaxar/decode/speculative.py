@@ -1,0 +1,207 @@
+"""Speculative decoding, batched, with ragged acceptance, inside one `jit`.
+
+Per round a drafter proposes k tokens per row; the target scores the k+1
+positions [last, x_0 .. x_{k-1}] in one forward; acceptance decides per row how
+many drafts to keep and draws one more token. Each row's cache length then
+advances by accepted + 1: rejected entries simply lie beyond the length, so
+rows that accepted different numbers of tokens never need realignment (the
+failure mode "Batch Speculative Decoding Done Right" describes).
+
+Invariant between rounds, per row: the sequence buffer holds prompt + output
+(`seq_len` tokens); the target cache holds all but the last of them; the draft
+model's cache holds all but the last one or two (a fully accepted round leaves
+its last draft unfed; the next round's first draft step feeds both).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from jaxar.cache import KVCache
+from jaxar.config import ModelConfig
+from jaxar.decode.acceptance import deterministic_accept, greedy_accept, speculative_accept
+from jaxar.decode.generate import FINISH_LENGTH, FINISH_STOP, _bucket, _eos_hit
+from jaxar.decode.sampling import SamplingConfig, probabilities, row_keys
+from jaxar.models.transformer import forward
+
+
+class SpeculativeOutput(NamedTuple):
+    tokens: jax.Array  # [batch, max_new_tokens] int32, pad after each row's end
+    num_tokens: jax.Array  # [batch]
+    finish_reason: jax.Array  # [batch]
+    rounds: jax.Array  # [batch] verification rounds each row took part in
+    accepted: jax.Array  # [batch] drafts accepted in total
+    accepted_at: jax.Array  # [k] how many rounds accepted the draft at each position (all rows)
+
+
+def speculative_generate(params, prompts, lengths, *, config: ModelConfig, max_new_tokens: int, num_draft: int,
+                         draft: str = "model", draft_params=None, draft_config: Optional[ModelConfig] = None,
+                         ngram: int = 2, sampling: SamplingConfig = SamplingConfig(temperature=0.0), seed=0,
+                         eos_ids: Optional[Sequence[int]] = None, pad_id: int = 0) -> SpeculativeOutput:
+    """Generate with speculative decoding; the output is distributed exactly as
+    plain sampling from the target with the same `sampling` config (greedy:
+    token-for-token the same as `generate`).
+
+    draft="model": a smaller model sharing the tokenizer (`draft_params`,
+    `draft_config`); its distribution q after the same processors is used in
+    the min(1, p/q) test. draft="ngram": prompt lookup, the continuation of the
+    latest earlier occurrence of the last `ngram` tokens (prompt and output);
+    a deterministic draft, accepted with probability p(x).
+    """
+    sampling.validate()
+    if sampling.repetition_penalty != 1.0:
+        raise ValueError("speculative decoding does not support repetition_penalty yet; use generate()")
+    if num_draft < 1:
+        raise ValueError(f"num_draft must be >= 1, got {num_draft}")
+    if draft == "model":
+        if draft_params is None or draft_config is None:
+            raise ValueError("draft='model' needs draft_params and draft_config")
+        if draft_config.vocab_size != config.vocab_size:
+            raise ValueError(f"draft vocab_size {draft_config.vocab_size} != target vocab_size {config.vocab_size}; "
+                             "the draft must share the target's tokenizer")
+    elif draft != "ngram":
+        raise ValueError(f"draft must be 'model' or 'ngram', got {draft!r}")
+    prompts = jnp.asarray(prompts, jnp.int32)
+    lengths = jnp.asarray(lengths, jnp.int32)
+    eos_ids = tuple(config.eos_token_id or ()) if eos_ids is None else tuple(int(e) for e in eos_ids)
+    P = prompts.shape[1]
+    buf_len = P + max_new_tokens + num_draft + 1
+    cache_len = _bucket(buf_len)
+    return _speculative(params, draft_params, prompts, lengths, jnp.asarray(seed, jnp.uint32), config=config,
+                        draft_config=draft_config if draft == "model" else None, k=num_draft, ngram=ngram,
+                        sampling=sampling, max_new=max_new_tokens, cache_len=cache_len, buf_len=buf_len,
+                        eos_ids=eos_ids, pad_id=pad_id)
+
+
+def ngram_drafts(seq, seq_len, k: int, n: int):
+    """Prompt-lookup drafts [B, k]: the tokens after the latest earlier match of
+    the last `n` tokens of each row; the last token repeated when none matches."""
+    B, L = seq.shape
+    idx = jnp.arange(L)
+    # [B, n] the suffix to look up
+    suffix = jnp.take_along_axis(seq, jnp.clip(seq_len[:, None] - n + jnp.arange(n)[None], 0, L - 1), axis=1)
+    match = jnp.ones((B, L), bool)
+    for i in range(n):
+        shifted = jnp.roll(seq, -i, axis=1)  # shifted[:, j] = seq[:, j + i]
+        match &= shifted == suffix[:, i: i + 1]
+    # the match must end before the suffix starts, and leave >= 1 token after it
+    match &= (idx[None] + n) <= (seq_len[:, None] - 1)
+    match &= seq_len[:, None] >= n + 1
+    start = jnp.max(jnp.where(match, idx[None], -1), axis=1)  # latest match
+    found = start >= 0
+    src = start[:, None] + n + jnp.arange(k)[None]
+    src = jnp.where(src < seq_len[:, None], src, seq_len[:, None] - 1)
+    drafts = jnp.take_along_axis(seq, jnp.clip(src, 0, L - 1), axis=1)
+    last = jnp.take_along_axis(seq, (seq_len - 1)[:, None], axis=1)
+    return jnp.where(found[:, None], drafts, last)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "draft_config", "k", "ngram", "sampling", "max_new",
+                                             "cache_len", "buf_len", "eos_ids", "pad_id"))
+def _speculative(params, draft_params, prompts, lengths, seed, *, config, draft_config, k, ngram, sampling, max_new,
+                 cache_len, buf_len, eos_ids, pad_id):
+    B, P = prompts.shape
+    greedy = sampling.greedy
+    rows = jnp.arange(B)
+    seq = jnp.zeros((B, buf_len), jnp.int32).at[:, :P].set(prompts)
+
+    # Prefill all but each prompt's last token (that one is fed with the drafts).
+    t_cache = KVCache.empty(config, B, cache_len)
+    _, t_cache = forward(params, prompts, config=config, cache=t_cache, num_new=lengths - 1)
+    d_cache = None
+    if draft_config is not None:
+        d_cache = KVCache.empty(draft_config, B, cache_len)
+        _, d_cache = forward(draft_params, prompts, config=draft_config, cache=d_cache, num_new=lengths - 1)
+
+    def draft_model(state, key_step):
+        seq, seq_len, d_cache = state["seq"], state["seq_len"], state["d_cache"]
+        dl = d_cache.lengths
+        # First step feeds the one or two tokens the draft cache lacks.
+        feed = jnp.take_along_axis(seq, jnp.clip(dl[:, None] + jnp.arange(2)[None], 0, buf_len - 1), axis=1)
+        n_feed = seq_len - dl
+        logits, d_cache = forward(draft_params, feed, config=draft_config, cache=d_cache, num_new=n_feed)
+        logits = jnp.take_along_axis(logits, (n_feed - 1)[:, None, None], axis=1)[:, 0]
+        drafts, qs = [], []
+        for i in range(k):
+            q = probabilities(logits, sampling)
+            if greedy:
+                x = jnp.argmax(q, axis=-1).astype(jnp.int32)
+            else:
+                keys = row_keys(seed, B, key_step * (k + 2) + i)
+                x = jax.vmap(lambda kk, qq: jax.random.categorical(kk, jnp.log(qq)))(keys, q).astype(jnp.int32)
+            drafts.append(x)
+            qs.append(q)
+            if i < k - 1:
+                logits, d_cache = forward(draft_params, x[:, None], config=draft_config, cache=d_cache)
+                logits = logits[:, 0]
+        return jnp.stack(drafts, 1), jnp.stack(qs, 1), d_cache
+
+    def body(state):
+        seq, seq_len, t_cache, done = state["seq"], state["seq_len"], state["t_cache"], state["done"]
+        active = ~done
+        step = state["step"]
+        if draft_config is not None:
+            drafts, q, d_cache = draft_model(state, step)
+        else:
+            drafts, q, d_cache = ngram_drafts(seq, seq_len, k, ngram), None, None
+        last = jnp.take_along_axis(seq, (seq_len - 1)[:, None], axis=1)
+        # [B, k+1]: the target scores the last token and every draft in one forward.
+        verify_in = jnp.concatenate([last, drafts], axis=1)
+        logits, t_cache_new = forward(params, verify_in, config=config, cache=t_cache)
+        if greedy:
+            n_acc, nxt = greedy_accept(logits, drafts)
+        else:
+            p = probabilities(logits.reshape(B * (k + 1), -1), sampling).reshape(B, k + 1, -1)
+            keys = row_keys(seed, B, step * (k + 2) + k + 1)
+            if q is None:
+                n_acc, nxt = deterministic_accept(p, drafts, keys)
+            else:
+                n_acc, nxt = speculative_accept(p, q, drafts, keys)
+        n_acc = n_acc.astype(jnp.int32)
+        # Emitted tokens: accepted drafts then the correction/bonus token.
+        pos = jnp.arange(k + 1)[None]
+        emitted = jnp.where(pos < n_acc[:, None], jnp.pad(drafts, ((0, 0), (0, 1))), nxt[:, None])
+        emitted = jnp.where(pos <= n_acc[:, None], emitted, pad_id)
+        n_emit = n_acc + 1
+        # Stop at the first EOS and at the budget.
+        out_count = seq_len - state["prompt_len"]
+        room = max_new - out_count
+        is_eos = _eos_hit(emitted, eos_ids) & (pos < n_emit[:, None])
+        first_eos = jnp.where(jnp.any(is_eos, 1), jnp.argmax(is_eos, 1) + 1, k + 2)
+        n_keep = jnp.minimum(jnp.minimum(n_emit, first_eos), room)
+        n_keep = jnp.where(active, n_keep, 0)
+        write = seq_len[:, None] + pos
+        seq = seq.at[rows[:, None], jnp.where(pos < n_keep[:, None], write, buf_len)].set(emitted, mode="drop")
+        new_len = seq_len + n_keep
+        stop_eos = active & (first_eos <= n_keep)
+        stop_len = active & ~stop_eos & (new_len - state["prompt_len"] >= max_new)
+        reason = jnp.where(stop_eos, FINISH_STOP, jnp.where(stop_len, FINISH_LENGTH, state["reason"]))
+        # Caches hold everything but the newest token; inactive rows stay put.
+        t_cache = t_cache_new.with_lengths(jnp.where(active, new_len - 1, t_cache.lengths))
+        out = dict(state, seq=seq, seq_len=new_len, t_cache=t_cache, done=done | stop_eos | stop_len, reason=reason,
+                   step=step + 1, rounds=state["rounds"] + active,
+                   accepted=state["accepted"] + jnp.where(active, jnp.minimum(n_acc, n_keep), 0),
+                   accepted_at=state["accepted_at"] + jnp.sum(
+                       (jnp.arange(k)[None] < n_acc[:, None]) & active[:, None], axis=0))
+        if d_cache is not None:
+            d_len = jnp.minimum(d_cache.lengths, new_len - 1)
+            out["d_cache"] = d_cache.with_lengths(jnp.where(active, d_len, state["d_cache"].lengths))
+        return out
+
+    state = dict(seq=seq, seq_len=lengths, prompt_len=lengths, t_cache=t_cache, d_cache=d_cache,
+                 done=jnp.zeros((B,), bool), reason=jnp.full((B,), FINISH_LENGTH, jnp.int32), step=jnp.int32(0),
+                 rounds=jnp.zeros((B,), jnp.int32), accepted=jnp.zeros((B,), jnp.int32),
+                 accepted_at=jnp.zeros((k,), jnp.int32))
+    if d_cache is None:
+        state.pop("d_cache")
+    state = jax.lax.while_loop(lambda s: ~jnp.all(s["done"]), body, state)
+    n_out = state["seq_len"] - lengths
+    idx = lengths[:, None] + jnp.arange(max_new)[None]
+    tokens = jnp.take_along_axis(state["seq"], jnp.clip(idx, 0, buf_len - 1), axis=1)
+    tokens = jnp.where(jnp.arange(max_new)[None] < n_out[:, None], tokens, pad_id)
+    return SpeculativeOutput(tokens=tokens, num_tokens=n_out, finish_reason=state["reason"], rounds=state["rounds"],
+                             accepted=state["accepted"], accepted_at=state["accepted_at"])

@@ -1,0 +1,99 @@
+"""Speculative decoding: greedy output identical to plain greedy; sampling draws from the target exactly."""
+
+import numpy as np
+import pytest
+from scipy import stats
+
+import jaxar
+from jaxar.decode.generate import generate, pad_prompts
+from jaxar.decode.sampling import SamplingConfig
+from jaxar.decode.speculative import ngram_drafts, speculative_generate
+
+TARGET = jaxar.ModelConfig.llama(vocab_size=48, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_dim=48,
+                                 max_seq_len=128, initializer_range=0.3)
+POOR_DRAFT = jaxar.ModelConfig.llama(vocab_size=48, d_model=16, n_layers=1, n_heads=2, mlp_dim=16, max_seq_len=128,
+                                     initializer_range=0.3)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    rng = np.random.default_rng(0)
+    # repetitive prompts, so n-gram drafts do get accepted sometimes
+    base = list(rng.integers(0, 48, 6))
+    prompts = [base * 2 + [1], list(rng.integers(0, 48, 3)), base + base[:3], [7]]
+    toks, lens = pad_prompts(prompts)
+    params = jaxar.init_params(TARGET, 0)
+    plain = generate(params, toks, lens, config=TARGET, max_new_tokens=12, eos_ids=[3])
+    return params, toks, lens, plain
+
+
+@pytest.mark.parametrize("draft,k", [("perfect", 3), ("poor", 2), ("poor", 4), ("ngram", 3)])
+def test_greedy_speculative_equals_plain_greedy(setup, draft, k):
+    params, toks, lens, plain = setup
+    kw = {}
+    if draft == "perfect":
+        kw = dict(draft="model", draft_params=params, draft_config=TARGET)
+    elif draft == "poor":
+        kw = dict(draft="model", draft_params=jaxar.init_params(POOR_DRAFT, 1), draft_config=POOR_DRAFT)
+    else:
+        kw = dict(draft="ngram", ngram=2)
+    out = speculative_generate(params, toks, lens, config=TARGET, max_new_tokens=12, num_draft=k, eos_ids=[3], **kw)
+    np.testing.assert_array_equal(out.num_tokens, plain.num_tokens)
+    np.testing.assert_array_equal(out.tokens, plain.tokens)
+    np.testing.assert_array_equal(out.finish_reason, plain.finish_reason)
+    if draft == "perfect":  # a perfect draft is always fully accepted
+        assert int(out.accepted.sum()) >= int(out.rounds.sum()) * k - len(lens) * k
+
+
+def test_ngram_drafts_copy_the_continuation_of_the_latest_match():
+    seq = np.array([[5, 6, 7, 8, 5, 6, 9, 5, 6, 0, 0, 0]])
+    drafts = ngram_drafts(seq, np.array([9]), k=3, n=2)
+    # suffix (5, 6): latest earlier match at 4 -> continuation 9, 5, 6
+    assert drafts.tolist() == [[9, 5, 6]]
+    none = ngram_drafts(np.array([[1, 2, 3, 0]]), np.array([3]), k=2, n=2)
+    assert none.tolist() == [[3, 3]]
+
+
+@pytest.mark.parametrize("draft", ["model", "ngram"])
+def test_sampling_draws_from_the_target_distribution(draft):
+    """chi-squared on the first two sampled tokens (36 cells) against the exact
+    target distribution p(t1) p(t2 | t1), with a poor draft model or n-gram drafts."""
+    target = jaxar.ModelConfig.llama(vocab_size=6, d_model=16, n_layers=1, n_heads=2, mlp_dim=16, max_seq_len=32,
+                                     initializer_range=0.6)
+    small = target.replace(d_model=8, n_heads=1, mlp_dim=8)
+    tp, dp = jaxar.init_params(target, 2), jaxar.init_params(small, 3)
+    prompt = [1, 2, 1]
+    rows = 3000
+    toks, lens = pad_prompts([prompt] * rows)
+    kw = dict(draft="model", draft_params=dp, draft_config=small) if draft == "model" else dict(draft="ngram")
+    out = speculative_generate(tp, toks, lens, config=target, max_new_tokens=2, num_draft=3, eos_ids=[],
+                               sampling=SamplingConfig(temperature=1.0), seed=11, **kw)
+    pairs = np.asarray(out.tokens[:, 0]) * 6 + np.asarray(out.tokens[:, 1])
+    observed = np.bincount(pairs, minlength=36)
+    expected = _exact_pair_distribution(tp, target, prompt) * rows
+    assert stats.chisquare(observed, expected).pvalue > 1e-3
+
+
+def _exact_pair_distribution(params, config, prompt):
+    def softmax(x):
+        x = np.asarray(x, np.float64)
+        e = np.exp(x - x.max())
+        return e / e.sum()
+
+    p1 = softmax(jaxar.forward(params, np.array([prompt]), config=config)[0][0, -1])
+    seqs = np.array([prompt + [t] for t in range(6)])
+    logits2 = np.asarray(jaxar.forward(params, seqs, config=config)[0][:, -1])
+    return np.concatenate([p1[t] * softmax(logits2[t]) for t in range(6)])
+
+
+def test_bad_arguments():
+    params = jaxar.init_params(TARGET, 0)
+    toks, lens = pad_prompts([[1, 2]])
+    with pytest.raises(ValueError, match="needs draft_params"):
+        speculative_generate(params, toks, lens, config=TARGET, max_new_tokens=2, num_draft=2)
+    other = POOR_DRAFT.replace(vocab_size=50)
+    with pytest.raises(ValueError, match="share the target's tokenizer"):
+        speculative_generate(params, toks, lens, config=TARGET, max_new_tokens=2, num_draft=2,
+                             draft_params=jaxar.init_params(other, 0), draft_config=other)
+    with pytest.raises(ValueError, match="num_draft must be >= 1"):
+        speculative_generate(params, toks, lens, config=TARGET, max_new_tokens=2, num_draft=0, draft="ngram")
