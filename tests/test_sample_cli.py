@@ -115,3 +115,19 @@ def test_sample_py_script_runs_as_a_program(model_dir):
     bad = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--model", model_dir, "--prompt", "hi",
                           "--top-p", "2"], capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("draft", ["ngram", "self"])
+def test_speculative_flags_give_plain_greedy_output_and_stats(model_dir, tmp_path, capsys, draft):
+    argv = ["--model", model_dir, "--prompt", "abcabcabc", "--prompt", "xy", "--temperature", "0",
+            "--max-new-tokens", "8"]
+    _, plain, _ = _run(argv, capsys)
+    stats = tmp_path / "s.json"
+    code, spec, err = _run(argv + ["--draft", model_dir if draft == "self" else "ngram", "--num-draft", "3",
+                                   "--stats", str(stats)], capsys)
+    assert code == 0 and [r["tokens"] for r in spec] == [r["tokens"] for r in plain]
+    s = json.loads(stats.read_text())
+    assert len(s["acceptance_rate_per_position"]) == 3 and s["mean_accepted_length"] >= 1.0
+    if draft == "self":  # the model drafting for itself is always accepted
+        assert s["acceptance_rate_per_position"] == [1.0, 1.0, 1.0]
+    assert "mean accepted length" in err

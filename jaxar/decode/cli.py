@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--num-beams", type=int, default=1)
+    p.add_argument("--draft", help="speculative decoding: a draft model directory, or 'ngram' (prompt lookup)")
+    p.add_argument("--num-draft", type=int, default=4, help="draft tokens per speculative round")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     p.add_argument("--output", help="output JSONL (default: stdout)")
     p.add_argument("--stats", help="write speed statistics as JSON to this file")
@@ -59,6 +61,12 @@ def _check_flags(args) -> None:
         raise UsageError(f"--repetition-penalty must be > 0, got {args.repetition_penalty}")
     if args.num_beams > 1 and args.temperature != 0:
         raise UsageError("--num-beams > 1 is deterministic beam search; pass --temperature 0 with it")
+    if args.num_draft < 1:
+        raise UsageError(f"--num-draft must be >= 1, got {args.num_draft}")
+    if args.draft and args.num_beams > 1:
+        raise UsageError("--draft (speculative decoding) and --num-beams cannot be combined")
+    if args.draft and args.repetition_penalty != 1.0:
+        raise UsageError("--draft does not support --repetition-penalty yet")
     if bool(args.prompt) == bool(args.prompts):
         raise UsageError("give prompts with --prompt TEXT (repeatable) or --prompts FILE.jsonl, not both or neither")
 
@@ -137,8 +145,19 @@ def _generate_all(args, rows, stdout) -> int:
     from jaxar.decode.generate import beam_search, generate, pad_prompts
     from jaxar.decode.sampling import SamplingConfig
 
+    from jaxar.decode.speculative import speculative_generate
+
     config, params = _load_model(args.model, args.dtype)
     tokenizer = _load_tokenizer(args.model)
+    draft_kw = None
+    if args.draft == "ngram":
+        draft_kw = dict(draft="ngram")
+    elif args.draft:
+        draft_config, draft_params = _load_model(args.draft, args.dtype)
+        if draft_config.vocab_size != config.vocab_size:
+            raise UsageError(f"--draft {args.draft}: vocabulary of {draft_config.vocab_size} differs from the "
+                             f"model's {config.vocab_size}; the draft must share the tokenizer")
+        draft_kw = dict(draft="model", draft_params=draft_params, draft_config=draft_config)
     ids = []
     for i, row in enumerate(rows):
         where = f"{args.prompts}:{row['line']}" if args.prompts else f"--prompt #{i + 1}"
@@ -177,7 +196,22 @@ def _generate_all(args, rows, stdout) -> int:
             padded = chunk + [chunk[-1]] * (args.batch_size - len(chunk))
             toks, lens = pad_prompts(padded)
             t0 = time.perf_counter()
-            if args.num_beams > 1:
+            if draft_kw is not None:
+                res = speculative_generate(params, toks, lens, config=config, max_new_tokens=args.max_new_tokens,
+                                           num_draft=args.num_draft, sampling=sampling, seed=args.seed + start,
+                                           eos_ids=eos, **draft_kw)
+                out_tokens, n_tok, reason = res.tokens, res.num_tokens, res.finish_reason
+                real = slice(0, len(chunk))
+                stats.setdefault("rounds", 0)
+                stats["rounds"] += int(np.asarray(res.rounds)[real].sum())
+                stats.setdefault("accepted", 0)
+                stats["accepted"] += int(np.asarray(res.accepted)[real].sum())
+                # per-position counts include the padding rows of the last batch (copies of a real prompt)
+                stats.setdefault("accepted_at", np.zeros(args.num_draft, np.int64))
+                stats["accepted_at"] += np.asarray(res.accepted_at)
+                stats.setdefault("all_rounds", 0)
+                stats["all_rounds"] += int(np.asarray(res.rounds).sum())
+            elif args.num_beams > 1:
                 res = beam_search(params, toks, lens, config=config, max_new_tokens=args.max_new_tokens,
                                   num_beams=args.num_beams, eos_ids=eos)
                 out_tokens, n_tok, reason = res.tokens[:, 0], res.num_tokens[:, 0], res.finish_reason[:, 0]
@@ -202,6 +236,14 @@ def _generate_all(args, rows, stdout) -> int:
             out_f.close()
     stats["wall_s"] = time.perf_counter() - t_start
     stats["tokens_per_s"] = stats["generated_tokens"] / max(stats["wall_s"], 1e-9)
+    if draft_kw is not None:
+        rounds = max(stats["rounds"], 1)
+        # tokens emitted per target forward (accepted drafts + the correction/bonus token)
+        stats["mean_accepted_length"] = stats["generated_tokens"] / rounds
+        stats["acceptance_rate_per_position"] = (stats.pop("accepted_at") / max(stats.pop("all_rounds"), 1)).tolist()
+        print(f"speculative: mean accepted length {stats['mean_accepted_length']:.2f} tokens per target forward; "
+              f"acceptance by draft position {[round(x, 3) for x in stats['acceptance_rate_per_position']]}",
+              file=sys.stderr)
     print(f"generated {stats['generated_tokens']} tokens for {len(ids)} prompts in {stats['wall_s']:.2f}s "
           f"({stats['tokens_per_s']:.1f} tok/s, first batch incl. compile {stats['compile_and_first_batch_s']:.2f}s)",
           file=sys.stderr)
