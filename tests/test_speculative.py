@@ -97,3 +97,17 @@ def test_bad_arguments():
                              draft_params=jaxar.init_params(other, 0), draft_config=other)
     with pytest.raises(ValueError, match="num_draft must be >= 1"):
         speculative_generate(params, toks, lens, config=TARGET, max_new_tokens=2, num_draft=0, draft="ngram")
+
+
+@pytest.mark.parametrize("draft", ["model", "ngram"])
+def test_pallas_verify_kernel_in_the_loop_equals_jnp_acceptance(draft):
+    params = jaxar.init_params(TARGET, 0)
+    dp = jaxar.init_params(POOR_DRAFT, 1)
+    toks, lens = pad_prompts([[1, 2, 3, 1, 2], [4, 5]])
+    kw = dict(draft="model", draft_params=dp, draft_config=POOR_DRAFT) if draft == "model" else dict(draft="ngram")
+    common = dict(config=TARGET, max_new_tokens=8, num_draft=3, eos_ids=[], sampling=SamplingConfig(temperature=1.0),
+                  seed=5, **kw)
+    ref = speculative_generate(params, toks, lens, verify_backend="jnp", **common)
+    got = speculative_generate(params, toks, lens, verify_backend="pallas", **common)
+    np.testing.assert_array_equal(got.tokens, ref.tokens)
+    np.testing.assert_array_equal(got.accepted, ref.accepted)

@@ -41,7 +41,8 @@ class SpeculativeOutput(NamedTuple):
 def speculative_generate(params, prompts, lengths, *, config: ModelConfig, max_new_tokens: int, num_draft: int,
                          draft: str = "model", draft_params=None, draft_config: Optional[ModelConfig] = None,
                          ngram: int = 2, sampling: SamplingConfig = SamplingConfig(temperature=0.0), seed=0,
-                         eos_ids: Optional[Sequence[int]] = None, pad_id: int = 0) -> SpeculativeOutput:
+                         eos_ids: Optional[Sequence[int]] = None, pad_id: int = 0,
+                         verify_backend: str = "jnp") -> SpeculativeOutput:
     """Generate with speculative decoding; the output is distributed exactly as
     plain sampling from the target with the same `sampling` config (greedy:
     token-for-token the same as `generate`).
@@ -51,7 +52,13 @@ def speculative_generate(params, prompts, lengths, *, config: ModelConfig, max_n
     the min(1, p/q) test. draft="ngram": prompt lookup, the continuation of the
     latest earlier occurrence of the last `ngram` tokens (prompt and output);
     a deterministic draft, accepted with probability p(x).
+
+    verify_backend: "jnp" (acceptance.py) or "pallas" (the fused
+    pallas_kernels.verify kernel; interpret mode on CPU). Both consume the same
+    randomness and return the same result.
     """
+    if verify_backend not in ("jnp", "pallas"):
+        raise ValueError(f"verify_backend must be 'jnp' or 'pallas', got {verify_backend!r}")
     sampling.validate()
     if sampling.repetition_penalty != 1.0:
         raise ValueError("speculative decoding does not support repetition_penalty yet; use generate()")
@@ -74,7 +81,7 @@ def speculative_generate(params, prompts, lengths, *, config: ModelConfig, max_n
     return _speculative(params, draft_params, prompts, lengths, jnp.asarray(seed, jnp.uint32), config=config,
                         draft_config=draft_config if draft == "model" else None, k=num_draft, ngram=ngram,
                         sampling=sampling, max_new=max_new_tokens, cache_len=cache_len, buf_len=buf_len,
-                        eos_ids=eos_ids, pad_id=pad_id)
+                        eos_ids=eos_ids, pad_id=pad_id, verify_backend=verify_backend)
 
 
 def ngram_drafts(seq, seq_len, k: int, n: int):
@@ -101,9 +108,10 @@ def ngram_drafts(seq, seq_len, k: int, n: int):
 
 
 @functools.partial(jax.jit, static_argnames=("config", "draft_config", "k", "ngram", "sampling", "max_new",
-                                             "cache_len", "buf_len", "eos_ids", "pad_id"))
+                                             "cache_len", "buf_len", "eos_ids", "pad_id",
+                                             "verify_backend"))
 def _speculative(params, draft_params, prompts, lengths, seed, *, config, draft_config, k, ngram, sampling, max_new,
-                 cache_len, buf_len, eos_ids, pad_id):
+                 cache_len, buf_len, eos_ids, pad_id, verify_backend):
     B, P = prompts.shape
     greedy = sampling.greedy
     rows = jnp.arange(B)
@@ -157,7 +165,11 @@ def _speculative(params, draft_params, prompts, lengths, seed, *, config, draft_
         else:
             p = probabilities(logits.reshape(B * (k + 1), -1), sampling).reshape(B, k + 1, -1)
             keys = row_keys(seed, B, step * (k + 2) + k + 1)
-            if q is None:
+            if verify_backend == "pallas":
+                from pallas_kernels.verify import verify
+
+                n_acc, nxt = verify(p, q, drafts, key=keys, interpret=jax.default_backend() == "cpu")
+            elif q is None:
                 n_acc, nxt = deterministic_accept(p, drafts, keys)
             else:
                 n_acc, nxt = speculative_accept(p, q, drafts, keys)
