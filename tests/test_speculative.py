@@ -27,7 +27,7 @@ def setup():
     return params, toks, lens, plain
 
 
-@pytest.mark.parametrize("draft,k", [("perfect", 3), ("poor", 2), ("poor", 4), ("ngram", 3)])
+@pytest.mark.parametrize("draft,k", [("perfect", 3), ("poor", 2), ("poor", 4), ("ngram", 3), ("trigram", 3)])
 def test_greedy_speculative_equals_plain_greedy(setup, draft, k):
     params, toks, lens, plain = setup
     kw = {}
@@ -36,13 +36,23 @@ def test_greedy_speculative_equals_plain_greedy(setup, draft, k):
     elif draft == "poor":
         kw = dict(draft="model", draft_params=jaxar.init_params(POOR_DRAFT, 1), draft_config=POOR_DRAFT)
     else:
-        kw = dict(draft="ngram", ngram=2)
+        kw = dict(draft=draft, ngram=2)
     out = speculative_generate(params, toks, lens, config=TARGET, max_new_tokens=12, num_draft=k, eos_ids=[3], **kw)
     np.testing.assert_array_equal(out.num_tokens, plain.num_tokens)
     np.testing.assert_array_equal(out.tokens, plain.tokens)
     np.testing.assert_array_equal(out.finish_reason, plain.finish_reason)
     if draft == "perfect":  # a perfect draft is always fully accepted
         assert int(out.accepted.sum()) >= int(out.rounds.sum()) * k - len(lens) * k
+
+
+def test_trigram_table_follows_the_latest_continuation_and_chains():
+    from jaxar.decode.speculative import trigram_drafts
+
+    # pairs: (1,2)->3 then later (1,2)->4 (latest wins); (2,4)->1; sequence ends with (1, 2)
+    seq = np.array([[1, 2, 3, 9, 1, 2, 4, 1, 1, 2, 0, 0]])
+    drafts = trigram_drafts(seq, np.array([10]), k=3)
+    # (1,2)->4, (2,4)->1, (4,1)->1
+    assert drafts.tolist() == [[4, 1, 1]]
 
 
 def test_ngram_drafts_copy_the_continuation_of_the_latest_match():
@@ -54,7 +64,7 @@ def test_ngram_drafts_copy_the_continuation_of_the_latest_match():
     assert none.tolist() == [[3, 3]]
 
 
-@pytest.mark.parametrize("draft", ["model", "ngram"])
+@pytest.mark.parametrize("draft", ["model", "ngram", "trigram"])
 def test_sampling_draws_from_the_target_distribution(draft):
     """chi-squared on the first two sampled tokens (36 cells) against the exact
     target distribution p(t1) p(t2 | t1), with a poor draft model or n-gram drafts."""
@@ -65,7 +75,7 @@ def test_sampling_draws_from_the_target_distribution(draft):
     prompt = [1, 2, 1]
     rows = 3000
     toks, lens = pad_prompts([prompt] * rows)
-    kw = dict(draft="model", draft_params=dp, draft_config=small) if draft == "model" else dict(draft="ngram")
+    kw = dict(draft="model", draft_params=dp, draft_config=small) if draft == "model" else dict(draft=draft)
     out = speculative_generate(tp, toks, lens, config=target, max_new_tokens=2, num_draft=3, eos_ids=[],
                                sampling=SamplingConfig(temperature=1.0), seed=11, **kw)
     pairs = np.asarray(out.tokens[:, 0]) * 6 + np.asarray(out.tokens[:, 1])

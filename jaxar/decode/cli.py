@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--num-beams", type=int, default=1)
-    p.add_argument("--draft", help="speculative decoding: a draft model directory, or 'ngram' (prompt lookup)")
+    p.add_argument("--draft", help="speculative decoding: a draft model directory, 'ngram' (prompt lookup) "
+                   "or 'trigram' (adaptive trigram table)")
     p.add_argument("--num-draft", type=int, default=4, help="draft tokens per speculative round")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     p.add_argument("--output", help="output JSONL (default: stdout)")
@@ -150,8 +151,8 @@ def _generate_all(args, rows, stdout) -> int:
     config, params = _load_model(args.model, args.dtype)
     tokenizer = _load_tokenizer(args.model)
     draft_kw = None
-    if args.draft == "ngram":
-        draft_kw = dict(draft="ngram")
+    if args.draft in ("ngram", "trigram"):
+        draft_kw = dict(draft=args.draft)
     elif args.draft:
         draft_config, draft_params = _load_model(args.draft, args.dtype)
         if draft_config.vocab_size != config.vocab_size:

@@ -51,7 +51,8 @@ def speculative_generate(params, prompts, lengths, *, config: ModelConfig, max_n
     `draft_config`); its distribution q after the same processors is used in
     the min(1, p/q) test. draft="ngram": prompt lookup, the continuation of the
     latest earlier occurrence of the last `ngram` tokens (prompt and output);
-    a deterministic draft, accepted with probability p(x).
+    a deterministic draft, accepted with probability p(x). draft="trigram": the
+    adaptive trigram table of `trigram_drafts` (ADED-style), also deterministic.
 
     verify_backend: "jnp" (acceptance.py) or "pallas" (the fused
     pallas_kernels.verify kernel; interpret mode on CPU). Both consume the same
@@ -70,8 +71,10 @@ def speculative_generate(params, prompts, lengths, *, config: ModelConfig, max_n
         if draft_config.vocab_size != config.vocab_size:
             raise ValueError(f"draft vocab_size {draft_config.vocab_size} != target vocab_size {config.vocab_size}; "
                              "the draft must share the target's tokenizer")
+    elif draft == "trigram":
+        ngram = 0  # the adaptive trigram table
     elif draft != "ngram":
-        raise ValueError(f"draft must be 'model' or 'ngram', got {draft!r}")
+        raise ValueError(f"draft must be 'model', 'ngram' or 'trigram', got {draft!r}")
     prompts = jnp.asarray(prompts, jnp.int32)
     lengths = jnp.asarray(lengths, jnp.int32)
     eos_ids = tuple(config.eos_token_id or ()) if eos_ids is None else tuple(int(e) for e in eos_ids)
@@ -82,6 +85,38 @@ def speculative_generate(params, prompts, lengths, *, config: ModelConfig, max_n
                         draft_config=draft_config if draft == "model" else None, k=num_draft, ngram=ngram,
                         sampling=sampling, max_new=max_new_tokens, cache_len=cache_len, buf_len=buf_len,
                         eos_ids=eos_ids, pad_id=pad_id, verify_backend=verify_backend)
+
+
+def trigram_drafts(seq, seq_len, k: int, table_size: int = 4096):
+    """Adaptive trigram drafts (after ADED): a per-row table mapping a hashed
+    pair (a, b) to the token that most recently followed it in the prompt and
+    output so far, rebuilt from the sequence each round (so it adapts as text
+    is generated); drafts chain k lookups. A pair never seen drafts the prompt
+    lookup's token instead."""
+    B, L = seq.shape
+    pos = jnp.arange(L)
+    a, b = jnp.roll(seq, 2, axis=1), jnp.roll(seq, 1, axis=1)  # a[:, i] = seq[:, i-2]
+    h = _pair_hash(a, b, table_size)
+    valid = (pos[None] >= 2) & (pos[None] < seq_len[:, None])
+    rows = jnp.arange(B)[:, None]
+    # latest position per hash slot (deterministic: max, not an unordered set)
+    latest = jnp.full((B, table_size), -1, jnp.int32).at[rows, h].max(jnp.where(valid, pos[None], -1))
+    table = jnp.where(latest >= 0, jnp.take_along_axis(seq, jnp.maximum(latest, 0), axis=1), -1)
+    fallback = ngram_drafts(seq, seq_len, k, 2)
+    x = jnp.take_along_axis(seq, jnp.maximum(seq_len - 2, 0)[:, None], axis=1)[:, 0]
+    y = jnp.take_along_axis(seq, (seq_len - 1)[:, None], axis=1)[:, 0]
+    drafts = []
+    for i in range(k):
+        c = jnp.take_along_axis(table, _pair_hash(x, y, table_size)[:, None], axis=1)[:, 0]
+        c = jnp.where(c >= 0, c, fallback[:, i])
+        drafts.append(c)
+        x, y = y, c
+    return jnp.stack(drafts, axis=1)
+
+
+def _pair_hash(a, b, size):
+    a, b = a.astype(jnp.uint32), b.astype(jnp.uint32)
+    return ((a * jnp.uint32(1000003) + b * jnp.uint32(7919)) % jnp.uint32(size)).astype(jnp.int32)
 
 
 def ngram_drafts(seq, seq_len, k: int, n: int):
@@ -154,6 +189,8 @@ def _speculative(params, draft_params, prompts, lengths, seed, *, config, draft_
         step = state["step"]
         if draft_config is not None:
             drafts, q, d_cache = draft_model(state, step)
+        elif ngram == 0:
+            drafts, q, d_cache = trigram_drafts(seq, seq_len, k), None, None
         else:
             drafts, q, d_cache = ngram_drafts(seq, seq_len, k, ngram), None, None
         last = jnp.take_along_axis(seq, (seq_len - 1)[:, None], axis=1)
