@@ -53,9 +53,9 @@ def main(argv=None) -> int:
     last = max(result.losses) if result.losses else None
     summary = f"[jaxar] step {result.step}"
     if last is not None:
-        summary += f", loss {result.losses[last]:.4f}"
+        summary += f", loss {result.losses[last]:.6f}"
     if result.val_losses:
-        summary += f", val_loss {result.val_losses[max(result.val_losses)]:.4f}"
+        summary += f", val_loss {result.val_losses[max(result.val_losses)]:.6f}"
     if result.preempted:
         summary += " (stopped by SIGTERM; run again to resume)"
     print(summary + f" -> {result.run_dir}", file=sys.stderr)

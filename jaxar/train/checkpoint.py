@@ -375,7 +375,7 @@ class RunCheckpointer:
         self.manager.reload()
 
 
-def remove_run_outputs(run_dir: str, names=(CHECKPOINTS_DIR, "metrics.jsonl", "tb", "loss.png", "config.json")
+def remove_run_outputs(run_dir: str, names=(CHECKPOINTS_DIR, "metrics.jsonl", "tb", "loss.png", "run_config.json")
                        ) -> Optional[str]:
     """Move a previous run's outputs into run_dir/replaced-<time>/ (nothing is deleted)."""
     present = [n for n in names if os.path.exists(os.path.join(run_dir, n))]

@@ -16,6 +16,7 @@ until the loop logs them.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -37,6 +38,11 @@ from jaxar.train import sharding as shd
 from jaxar.train.config import RunConfig, TrainConfig
 
 log = logging.getLogger(__name__)
+
+# Debugging aid: seconds to sleep after every step (the tests use it to kill a run part-way).
+_STEP_SLEEP_ENV = "JAXAR_DEBUG_STEP_SLEEP"
+# The run config, beside the checkpoints (not config.json: that name marks a Hugging Face model directory).
+RUN_CONFIG_FILE = "run_config.json"
 
 
 class TrainState(NamedTuple):
@@ -148,8 +154,12 @@ class StepFunctions:
     eval_step: Callable  # (params, batch) -> (loss sum, token count)
 
 
+@functools.lru_cache(maxsize=4)
 def build_step_functions(model: ModelConfig, train: TrainConfig, mesh: Mesh) -> StepFunctions:
-    """Shardings from the logical-axis rules, and the jit-compiled init / train / eval steps."""
+    """Shardings from the logical-axis rules, and the jit-compiled init / train / eval steps.
+
+    Cached on its (hashable) arguments, so repeated runs in one process reuse the compiled steps.
+    """
     abstract_params = jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0)))
     optimizer = make_optimizer(train, abstract_params)
     replicated = NamedSharding(mesh, P())
@@ -477,7 +487,7 @@ def train(run_config: RunConfig, *, force: bool = False, devices: Optional[Seque
                           f"{tokenizer.vocab_size} ids")
 
     # An existing run in run_dir: resume it when it is the same run, refuse otherwise.
-    config_path = os.path.join(run_dir, "config.json")
+    config_path = os.path.join(run_dir, RUN_CONFIG_FILE)
     checkpointer = ckpt.RunCheckpointer(run_dir, keep=train_cfg.keep_checkpoints,
                                         async_save=train_cfg.async_checkpoint)
     previous = checkpointer.latest_config()
@@ -516,9 +526,8 @@ def train(run_config: RunConfig, *, force: bool = False, devices: Optional[Seque
     restored = checkpointer.restore_latest(
         _with_shardings(fns.abstract_state.params, fns.state_shardings.params), abstract_opt_item)
     if restored is not None:
-        state = TrainState(step=jnp.asarray(restored.step, jnp.int32), params=restored.params,
-                           opt_state=restored.opt_state, rng=restored.rng)
-        state = jax.device_put(state, fns.state_shardings)
+        step_array = jax.jit(lambda: jnp.asarray(restored.step, jnp.int32), out_shardings=fns.state_shardings.step)()
+        state = TrainState(step=step_array, params=restored.params, opt_state=restored.opt_state, rng=restored.rng)
         if restored.data_state is not None:
             data_iter.set_state(restored.data_state)
         start_step = restored.step
@@ -569,6 +578,7 @@ def train(run_config: RunConfig, *, force: bool = False, devices: Optional[Seque
     pending = []  # (step, device metrics) since the last log
     t_last, step_last = time.perf_counter(), start_step
     end_step = train_cfg.steps if stop_after is None else min(train_cfg.steps, start_step + stop_after)
+    step_sleep = float(os.environ.get(_STEP_SLEEP_ENV, "0") or 0)
     try:
         with _Preemption() as preemption:
             while step < end_step:
@@ -606,6 +616,8 @@ def train(run_config: RunConfig, *, force: bool = False, devices: Optional[Seque
                             bar.write(f"step {step}: val_loss {val:.4f}")
                 if train_cfg.checkpoint_every and step % train_cfg.checkpoint_every == 0:
                     save(step)
+                if step_sleep:
+                    time.sleep(step_sleep)
                 if _stop_requested(preemption.requested, every_step=log_now):
                     preempted = True
                     if is_main:
