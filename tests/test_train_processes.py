@@ -80,36 +80,53 @@ def test_eight_devices_with_data_fsdp_tensor_match_one_device(tmp_path, env):
     assert any("fsdp" in s for s in result["specs"]) and any("tensor" in s for s in result["specs"])
 
 
-def test_sigkilled_run_resumes_to_the_same_loss(tmp_path, env):
-    steps = ["train.steps=24", "train.checkpoint_every=4"]
-    reference = tmp_path / "reference"
-    run_train(reference, *steps, env=env)
-    expected = train_losses(reference)
-
-    run_dir = tmp_path / "killed"
-    checkpoints = run_dir / "checkpoints"
+def start_and_signal(run_dir, steps, env, sig, ready):
+    """Start train.py slowed down, send `sig` once ready() says so; returns (returncode, stderr)."""
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--config", TINY, f"run_dir={run_dir}", *COMMON, *steps]
     proc = subprocess.Popen(cmd, env=dict(env, JAXAR_DEBUG_STEP_SLEEP="0.25"), cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     try:
-        while time.time() < deadline and proc.poll() is None:
-            done = [n for n in (os.listdir(checkpoints) if checkpoints.is_dir() else [])
-                    if n.isdigit() and (checkpoints / n / "_CHECKPOINT_METADATA").exists()]
-            if done:
-                break
+        while time.time() < deadline and proc.poll() is None and not ready():
             time.sleep(0.02)
-        assert proc.poll() is None, f"the run ended before it could be killed:\n{proc.stderr.read()[-3000:]}"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(30)
+        assert proc.poll() is None, f"the run ended before the signal:\n{proc.stderr.read()[-3000:]}"
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
-    killed_at = max(train_losses(run_dir))
-    assert killed_at < 24
+    return proc.returncode, err
+
+
+def complete_checkpoints(run_dir) -> list[int]:
+    d = run_dir / "checkpoints"
+    names = os.listdir(d) if d.is_dir() else []
+    return sorted(int(n) for n in names if n.isdigit() and (d / n / "_CHECKPOINT_METADATA").exists())
+
+
+def test_killed_then_preempted_run_resumes_to_the_uninterrupted_loss(tmp_path, env):
+    steps = ["train.steps=24", "train.checkpoint_every=4"]
+    reference = tmp_path / "reference"
+    run_train(reference, *steps, env=env)
+    expected = train_losses(reference)
+
+    run_dir = tmp_path / "run"
+    # SIGKILL as soon as a checkpoint is complete: nothing gets to clean up.
+    rc, _ = start_and_signal(run_dir, steps, env, signal.SIGKILL, lambda: complete_checkpoints(run_dir))
+    assert rc == -signal.SIGKILL
+    assert max(train_losses(run_dir)) < 24
+
+    # Resume, then SIGTERM (preemption): the run saves where it is and exits cleanly.
+    before = complete_checkpoints(run_dir)[-1]
+    rc, err = start_and_signal(run_dir, steps, env, signal.SIGTERM,
+                               lambda: max(train_losses(run_dir), default=0) >= before + 6)
+    assert rc == 0, err[-3000:]
+    assert f"resuming {run_dir} from step {before}" in err and "SIGTERM" in err
+    stopped_at = max(train_losses(run_dir))
+    assert stopped_at < 24 and complete_checkpoints(run_dir)[-1] == stopped_at
 
     resumed = run_train(run_dir, *steps, env=env)
-    assert "resuming" in resumed.stderr
+    assert f"from step {stopped_at}" in resumed.stderr
     got = train_losses(run_dir)
     assert sorted(got) == list(range(1, 25))
     assert abs(got[24] - expected[24]) <= 1e-4 * abs(expected[24])
