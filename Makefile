@@ -18,7 +18,7 @@ setup: $(VENV)/.installed
 
 demo: setup
 	$(BIN)/python train.py --config configs/shakespeare.yaml
-	$(BIN)/python sample.py --model runs/shakespeare --prompt "ROMEO:" --prompt "To be, or not" --max-new-tokens 200 --temperature 0.8 --seed 0
+	$(BIN)/python sample.py --model runs/shakespeare --prompt "ROMEO:" --prompt "To be, or not" --max-new-tokens 100 --temperature 0.8 --seed 0
 
 test: setup
 	JAX_PLATFORMS=cpu $(BIN)/python -m pytest -n 2 --durations=15
