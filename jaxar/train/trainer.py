@@ -477,10 +477,9 @@ def train(run_config: RunConfig, *, force: bool = False, devices: Optional[Seque
     model, train_cfg = run_config.model, run_config.train
     run_dir = os.path.abspath(run_config.run_dir)
     is_main = jax.process_index() == 0
-    os.makedirs(run_dir, exist_ok=True)
-
     mesh = shd.make_mesh(run_config.mesh.as_dict(), devices)
     check_batch_layout(train_cfg, mesh)
+    os.makedirs(run_dir, exist_ok=True)
     tokenizer = tokenizer or load_tokenizer(run_config.data.tokenizer)
     if tokenizer.vocab_size > model.vocab_size:
         raise ConfigError(f"model.vocab_size={model.vocab_size} is smaller than the tokenizer's "
