@@ -10,32 +10,7 @@ from pallas_kernels.decode_attention import (decode_attention,
                                              decode_attention_reference)
 from pallas_kernels.flash_attention import flash_attention_reference
 
-ON_GPU = jax.default_backend() == "gpu"
-
-
-def _x64():
-  ctx = getattr(jax, "enable_x64", None)
-  if ctx is not None:
-    return ctx(True)
-  from jax.experimental import enable_x64  # older jax
-  return enable_x64()
-
-
-def _run(fn, *args, **kwargs):
-  """jit + run with XLA's backend optimisations off: interpret-mode kernels
-  are tiny, and this halves the CPU compile time that dominates the tests."""
-  jitted = jax.jit(functools.partial(fn, **kwargs))
-  lowered = jitted.lower(*args)
-  try:
-    compiled = lowered.compile({"xla_backend_optimization_level": 0})
-  except Exception:  # option unknown to this jaxlib
-    compiled = lowered.compile()
-  return compiled(*args)
-
-
-def _rel(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+from tests.kernel_testing import ON_GPU, _rel, _run, _x64  # noqa: F401
 
 
 def _random_tree(rng, batch, t):
