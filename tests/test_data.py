@@ -21,6 +21,7 @@ from jaxar.train.data import (
     make_val_batches,
     pack_token_arrays,
     split_documents,
+    train_val_documents,
 )
 
 BYTE = ByteTokenizer()
@@ -369,6 +370,37 @@ def test_text_file_glob_and_directory_sources(tmp_path):
         "first document\n",
         "compressed document\n",
     ]
+
+
+def test_source_list_mixes_and_holds_out_each(tmp_path):
+    (tmp_path / "code").mkdir()
+    (tmp_path / "prose").mkdir()
+    for i in range(10):
+        (tmp_path / "code" / f"m{i:02d}.py").write_text(f"def f{i}():\n    return {i}\n")
+        (tmp_path / "prose" / f"p{i:02d}.txt").write_text(f"Prose number {i}.\n")
+    code = load_documents(DataConfig(source=str(tmp_path / "code")))
+    prose = load_documents(DataConfig(source=str(tmp_path / "prose")))
+    cfg = DataConfig(source=[str(tmp_path / "code"), str(tmp_path / "prose")], val_fraction=0.2)
+    assert cfg.source == (str(tmp_path / "code"), str(tmp_path / "prose"))
+    assert load_documents(cfg) == code + prose
+    train, val = train_val_documents(cfg)
+    ct, cv = split_documents(code, 0.2)
+    pt, pv = split_documents(prose, 0.2)
+    assert train == ct + pt and val == cv + pv  # each source has held-out documents
+    assert corpus_stats(cfg)["num_val_documents"] == 4
+    assert load_documents(DataConfig(source=[str(tmp_path / "code"), str(tmp_path / "prose")], max_docs=3)) == (
+        code[:3] + prose[:3])
+    assert DataConfig(source=[str(tmp_path / "code")]).source == str(tmp_path / "code")
+    # The config round-trips through JSON (run_config.json) and YAML overrides.
+    assert DataConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    from jaxar.train.config import load_run_config
+    rc = load_run_config("configs/tiny.yaml", [f"data.source=[{tmp_path / 'code'}, shakespeare]"])
+    assert rc.data.sources == (str(tmp_path / "code"), "shakespeare")
+    for bad in ([], ["shakespeare", "shakespeare"], ["shakespeare", ""], [3]):
+        with pytest.raises(DataError):
+            DataConfig(source=bad)
+    with pytest.raises(DataError, match="no such file"):
+        load_documents(DataConfig(source=["shakespeare", str(tmp_path / "missing")]))
 
 
 def test_jsonl_source(tmp_path):

@@ -62,7 +62,7 @@ import sys
 import sysconfig
 import tarfile
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import grain
 import numpy as np
@@ -108,19 +108,22 @@ class DataConfig:
         document per line, in `text_field`), a directory (every non-hidden,
         non-binary file under it, recursively, one document each) or a glob
         (e.g. "corpus/**/*.txt"). `.gz`, `.xz` and `.bz2` files are
-        decompressed.
+        decompressed. A list of sources mixes them (documents in proportion
+        to what each holds); each is split into train/validation on its own,
+        so every source has held-out documents.
     tokenizer: "byte" or a tokenizer directory (see `jaxar.tokenizer.load_tokenizer`).
     val_fraction: fraction of the documents held out for validation; with a
         single document, that fraction of its characters at its end.
     shuffle: shuffle documents (every epoch anew) and rows (in windows of
         `shuffle_window` rows); False keeps the corpus order.
-    max_docs: use only the first max_docs documents of the source.
+    max_docs: use only the first max_docs documents of the source (of each
+        source, for a list).
     num_workers: grain worker processes for the training pipeline (0: in
         this process). The batches differ with the number of workers, but are
         deterministic for a given number.
     """
 
-    source: str = "shakespeare"
+    source: Union[str, tuple[str, ...]] = "shakespeare"
     text_field: str = "text"
     tokenizer: str = "byte"
     val_fraction: float = 0.05
@@ -130,9 +133,15 @@ class DataConfig:
     shuffle_window: int = 1024
 
     def __post_init__(self):
-        if not isinstance(self.source, (str, os.PathLike)) or not str(self.source).strip():
-            raise DataError(f"data source must be a non-empty string, got {self.source!r}")
-        object.__setattr__(self, "source", os.fspath(self.source))
+        if isinstance(self.source, (list, tuple)):
+            if not self.source:
+                raise DataError("data source list is empty; name at least one source")
+            srcs = tuple(_check_source(s) for s in self.source)
+            if len(set(srcs)) != len(srcs):
+                raise DataError(f"data source list {list(srcs)} names a source twice")
+            object.__setattr__(self, "source", srcs[0] if len(srcs) == 1 else srcs)
+        else:
+            object.__setattr__(self, "source", _check_source(self.source))
         if isinstance(self.tokenizer, os.PathLike):
             object.__setattr__(self, "tokenizer", os.fspath(self.tokenizer))
         if self.tokenizer is not None and not isinstance(self.tokenizer, str):
@@ -163,7 +172,21 @@ class DataConfig:
         return cls(**d)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if isinstance(self.source, tuple):
+            d["source"] = list(self.source)
+        return d
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        """The source(s) as a tuple."""
+        return self.source if isinstance(self.source, tuple) else (self.source,)
+
+
+def _check_source(source) -> str:
+    if not isinstance(source, (str, os.PathLike)) or not str(source).strip():
+        raise DataError(f"data source must be a non-empty string (or a list of them), got {source!r}")
+    return os.fspath(source)
 
 
 # ---------------------------------------------------------------------------
@@ -288,8 +311,31 @@ def _has_glob(s: str) -> bool:
 
 
 def load_documents(config: DataConfig) -> list[str]:
-    """The source's documents, in a fixed order, empty ones dropped, at most max_docs."""
-    source = str(config.source)
+    """The source's documents, in a fixed order, empty ones dropped, at most max_docs
+    (for a list of sources: each source's in turn)."""
+    return [d for docs in load_source_documents(config) for d in docs]
+
+
+def load_source_documents(config: DataConfig) -> list[list[str]]:
+    """Each source's documents (one list per entry of `config.sources`)."""
+    return [_load_one(source, config) for source in config.sources]
+
+
+def train_val_documents(config: DataConfig, documents: Optional[Sequence[str]] = None
+                        ) -> tuple[list[str], list[str]]:
+    """(train, validation) documents of the config's sources, each source split
+    on its own by `split_documents` (or `documents` split as one source)."""
+    groups = [list(documents)] if documents is not None else load_source_documents(config)
+    train, val = [], []
+    for docs in groups:
+        t, v = split_documents(docs, config.val_fraction)
+        train += t
+        val += v
+    return train, val
+
+
+def _load_one(source: str, config: DataConfig) -> list[str]:
+    source = str(source)
     if source == "shakespeare":
         docs = list(_shakespeare())
     elif source == "python_stdlib":
@@ -378,10 +424,11 @@ def make_pieces(docs: Sequence[str], max_chars: int = PIECE_CHARS) -> list[tuple
 
 def corpus_stats(config: DataConfig) -> dict:
     """Document and size counts of a source (reads it, does not tokenize it)."""
-    docs = load_documents(config)
-    train, val = split_documents(docs, config.val_fraction)
+    groups = load_source_documents(config)
+    docs = [d for g in groups for d in g]
+    train, val = train_val_documents(config)
     return {
-        "source": str(config.source),
+        "source": config.to_dict()["source"],
         "num_documents": len(docs),
         "num_chars": sum(len(d) for d in docs),
         "num_bytes": sum(len(d.encode("utf-8")) for d in docs),
@@ -694,8 +741,7 @@ def make_train_dataset(
             f"global_batch_size ({global_batch_size}) must be a positive multiple of "
             f"process_count ({process_count})"
         )
-    docs = list(documents) if documents is not None else load_documents(data_config)
-    train, _ = split_documents(docs, data_config.val_fraction)
+    train, _ = train_val_documents(data_config, documents)
     pieces = make_pieces(train)
     if len(pieces) < process_count:
         raise DataError(
@@ -770,8 +816,7 @@ def make_val_batches(
         raise DataError(f"batch_size must be >= 1, got {batch_size}")
     if max_batches is not None and max_batches < 0:
         raise DataError(f"max_batches must be >= 0 or None, got {max_batches}")
-    docs = list(documents) if documents is not None else load_documents(data_config)
-    _, val = split_documents(docs, data_config.val_fraction)
+    _, val = train_val_documents(data_config, documents)
     if not val or max_batches == 0:
         return []
     pad_id = tok.pad_id if tok.pad_id is not None else 0
@@ -809,6 +854,8 @@ __all__ = [
     "corpus_stats",
     "data_dir",
     "load_documents",
+    "load_source_documents",
+    "train_val_documents",
     "make_pieces",
     "make_train_dataset",
     "make_train_iterator",
