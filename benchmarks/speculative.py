@@ -2,8 +2,9 @@
 
     python benchmarks/speculative.py --target runs/target --draft runs/draft [--batches 1,8,32] [--out FILE]
 
-For each prompt set (prose: held-out Shakespeare; code: the Python standard
-library) and batch size, times plain greedy `generate`, speculative decoding
+For each prompt set (prose: Shakespeare; code: the Python standard library;
+both cut from the validation documents of the target's own training run, so
+held out from training) and batch size, times plain greedy `generate`, speculative decoding
 with the draft model and with n-gram (prompt lookup) drafts, all in one process
 on the same prompts; checks the speculative outputs equal plain greedy; reports
 wall-clock speed-up and mean accepted length (tokens per target forward).
@@ -31,17 +32,42 @@ from jaxar.decode.speculative import speculative_generate  # noqa: E402
 from jaxar.tokenizer import load_tokenizer  # noqa: E402
 
 
-def prompt_sets(tokenizer, n: int, length: int):
-    """Prose from the end of the bundled Shakespeare (the validation side) and code from the stdlib."""
-    from jaxar.train.data import DataConfig, load_documents
+SET_NAMES = {"shakespeare": "prose", "python_stdlib": "code"}
 
+
+def run_data_config(path):
+    """The DataConfig a jaxar run was trained on (None for a Hugging Face dir)."""
+    from jaxar.train.checkpoint import find_checkpoint, read_run_config
+    from jaxar.train.data import DataConfig
+
+    step_dir = find_checkpoint(path) if path else None
+    if step_dir is None:
+        return None
+    return DataConfig.from_dict(read_run_config(step_dir)["data"])
+
+
+def prompt_sets(tokenizer, n: int, length: int, data_config=None):
+    """n prompts of `length` tokens per source, cut at line starts from the
+    source's *validation* documents (held out from training when the models were
+    trained on `data_config`; default: Shakespeare as prose, the Python standard
+    library as code, with train.py's default 5% split)."""
+    from jaxar.train.data import DataConfig, load_documents, split_documents
+
+    if data_config is None:
+        data_config = DataConfig(source=["shakespeare", "python_stdlib"])
     sets = {}
-    for name, source in (("prose", "shakespeare"), ("code", "python_stdlib")):
-        docs = load_documents(DataConfig(source=source))
-        text = "\n".join(docs[-3:]) if name == "prose" else "\n".join(docs[-40:])
-        ids = tokenizer.encode(text)
-        step = max(1, (len(ids) - length) // n)
-        sets[name] = [ids[i * step: i * step + length] for i in range(n)]
+    for source in data_config.sources:
+        docs = load_documents(DataConfig(source=source, text_field=data_config.text_field,
+                                         max_docs=data_config.max_docs))
+        _, val = split_documents(docs, data_config.val_fraction or 0.05)
+        ids = tokenizer.encode("\n".join(val))
+        newline = tokenizer.encode("\n")[-1]
+        starts = [0] + [i + 1 for i, t in enumerate(ids[:-length]) if t == newline]
+        if len(starts) < n:
+            raise SystemExit(f"source {source!r}: its validation documents hold fewer than {n} prompts of "
+                             f"{length} tokens")
+        picks = [starts[(i * len(starts)) // n] for i in range(n)]
+        sets[SET_NAMES.get(source, source)] = [ids[i: i + length] for i in picks]
     return sets
 
 
@@ -80,7 +106,11 @@ def main():
         dconfig, dparams = jaxar.from_pretrained(args.draft)
         draft_kw = dict(draft="model", draft_params=dparams, draft_config=dconfig)
     batches = [int(b) for b in args.batches.split(",")]
-    sets = prompt_sets(tokenizer, max(batches), args.prompt_len)
+    data_config = run_data_config(args.target)
+    if args.draft and data_config is not None and run_data_config(args.draft) not in (None, data_config):
+        print("warning: the draft was trained on different data than the target; prompts are held out from the "
+              "target's training only", file=sys.stderr)
+    sets = prompt_sets(tokenizer, max(batches), args.prompt_len, data_config)
     rows = []
     for set_name, prompts in sets.items():
         for batch in batches:
@@ -98,6 +128,8 @@ def main():
                     "spec_tok_s": batch * args.new_tokens / t_spec,
                     "speedup": t_plain / t_spec,
                     "mean_accepted_length": float(np.sum(spec.num_tokens) / max(np.sum(spec.rounds), 1)),
+                    "acceptance_at": [round(float(a) / max(int(np.sum(spec.rounds)), 1), 3)
+                                      for a in np.asarray(spec.accepted_at)],
                     "identical_to_plain": bool(np.array_equal(np.asarray(spec.tokens), np.asarray(plain.tokens))),
                 })
     meta = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "target": args.target,
@@ -108,10 +140,10 @@ def main():
             json.dump({"meta": meta, "results": rows}, f, indent=2)
     print(f"\n{meta}")
     print(f"{'prompts':>7} {'batch':>5} {'drafter':>7} {'plain tok/s':>11} {'spec tok/s':>10} {'speedup':>7} "
-          f"{'acc.len':>7} {'identical':>9}")
+          f"{'acc.len':>7} {'identical':>9}  acceptance by draft position")
     for r in rows:
         print(f"{r['prompts']:>7} {r['batch']:>5} {r['drafter']:>7} {r['plain_tok_s']:>11.1f} {r['spec_tok_s']:>10.1f} "
-              f"{r['speedup']:>7.2f} {r['mean_accepted_length']:>7.2f} {r['identical_to_plain']!s:>9}")
+              f"{r['speedup']:>7.2f} {r['mean_accepted_length']:>7.2f} {r['identical_to_plain']!s:>9}  {r['acceptance_at']}")
 
 
 if __name__ == "__main__":
