@@ -32,9 +32,10 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.flash_attention import (MASK_VALUE, _LOG2E,
+from pallas_kernels.flash_attention import (_LANES, _LOG2E, MASK_VALUE,
                                             _compiler_params, _dot, _is_pow2,
-                                            _next_pow2)
+                                            _next_pow2, _resolve_backend,
+                                            _tpu_params)
 
 __all__ = ["decode_attention", "decode_attention_reference"]
 
@@ -58,75 +59,115 @@ class _Config:
   interpret: bool
   num_warps: int | None
   num_stages: int | None
+  tpu: bool = False    # Mosaic TPU layout (see _decode_kernel_tpu)
+
+
+def _attend_split(cfg: _Config, q, load_k, load_v, tree_word, length, lo, hi):
+  """Online softmax of the query tile q [rows, D] over key blocks [lo, hi) of
+  one row's cache: unnormalised (acc [rows, D], m [rows], l [rows]), base 2.
+  load_k / load_v(start) -> [block_k, D]; tree_word(w) -> [rows, 1] int32."""
+  bk, rows = cfg.block_k, cfg.rows
+  base = length - cfg.t                      # position of the first new token
+  # Blocks that lie entirely before the new tokens are visible to every row.
+  n_full = jnp.minimum(lax.div(base, bk), hi)
+  d = q.shape[-1]
+  scale = cfg.sm_scale * _LOG2E
+  t_of_row = lax.div(lax.broadcasted_iota(jnp.int32, (rows, 1), 0),
+                     jnp.int32(cfg.groups))
+  q_pos = base + t_of_row                                    # [rows, 1]
+
+  def body(kb, carry, *, masked):
+    acc, m_prev, l_prev = carry
+    nominal = kb * bk
+    start = jnp.minimum(nominal, cfg.max_len - bk) if masked else nominal
+    k = load_k(start)
+    v = load_v(start)
+    s = _dot(q, k, trans_b=True) * scale                     # [rows, bk]
+    if masked:
+      k_pos = start + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
+      valid = (k_pos >= nominal) & (k_pos < length)
+      if cfg.tree_words:
+        j = k_pos - base
+        vis = k_pos < base
+        for w in range(cfg.tree_words):
+          word = tree_word(w)                                # [rows, 1]
+          jw = j - 32 * w
+          in_word = (jw >= 0) & (jw < 32)
+          bit = lax.shift_right_logical(
+              jnp.broadcast_to(word, (rows, bk)),
+              jnp.broadcast_to(jnp.clip(jw, 0, 31), (rows, bk))) & 1
+          vis = vis | (in_word & (bit == 1))
+      else:
+        vis = k_pos <= q_pos
+      s = jnp.where(valid & vis, s, MASK_VALUE)
+      # Slots past the length may hold anything (even NaN/inf): p == 0
+      # there, but 0 * NaN is NaN, so zero those V rows too.
+      row_pos = start + lax.broadcasted_iota(jnp.int32, (bk, 1), 0)
+      v = jnp.where((row_pos >= nominal) & (row_pos < length), v,
+                    jnp.zeros_like(v))
+    m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
+    alpha = jnp.exp2(m_prev - m_new)
+    p = jnp.exp2(s - m_new[:, None])
+    l_new = alpha * l_prev + jnp.sum(p, axis=1)
+    acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
+    return acc, m_new, l_new
+
+  carry = (jnp.zeros((rows, d), jnp.float32),
+           jnp.full((rows,), -jnp.inf, jnp.float32),
+           jnp.zeros((rows,), jnp.float32))
+  mid = jnp.maximum(lo, n_full)
+  carry = lax.fori_loop(lo, mid, functools.partial(body, masked=False), carry)
+  return lax.fori_loop(mid, hi, functools.partial(body, masked=True), carry)
+
+
+def _split_range(cfg: _Config, split, length):
+  lo = split * cfg.blocks_per_split
+  hi = jnp.minimum(lo + cfg.blocks_per_split,
+                   lax.div(length + cfg.block_k - 1, cfg.block_k))
+  return lo, hi
 
 
 def _decode_kernel(len_ref, q_ref, k_ref, v_ref, bits_ref, o_ref, m_ref, l_ref,
                    *, cfg: _Config):
-  bk, rows = cfg.block_k, cfg.rows
-  split = pl.program_id(2)
+  """GPU layout: one program per (row, kv head, split)."""
   length = len_ref[()]
-  base = length - cfg.t                      # position of the first new token
-  lo = split * cfg.blocks_per_split
-  hi = jnp.minimum(lo + cfg.blocks_per_split, lax.div(length + bk - 1, bk))
-  # Blocks that lie entirely before the new tokens are visible to every row.
-  n_full = jnp.minimum(lax.div(base, bk), hi)
+  lo, hi = _split_range(cfg, pl.program_id(2), length)
 
   @pl.when(lo < hi)
   def _compute():
-    q = q_ref[...]                                           # [rows, D]
-    d = q.shape[-1]
-    scale = cfg.sm_scale * _LOG2E
-    t_of_row = lax.div(lax.broadcasted_iota(jnp.int32, (rows, 1), 0),
-                       jnp.int32(cfg.groups))
-    q_pos = base + t_of_row                                  # [rows, 1]
-
-    def body(kb, carry, *, masked):
-      acc, m_prev, l_prev = carry
-      nominal = kb * bk
-      start = jnp.minimum(nominal, cfg.max_len - bk) if masked else nominal
-      k = k_ref[pl.ds(start, bk), :]
-      v = v_ref[pl.ds(start, bk), :]
-      s = _dot(q, k, trans_b=True) * scale                   # [rows, bk]
-      if masked:
-        k_pos = start + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
-        valid = (k_pos >= nominal) & (k_pos < length)
-        if cfg.tree_words:
-          j = k_pos - base
-          vis = k_pos < base
-          for w in range(cfg.tree_words):
-            word = bits_ref[w, :][:, None]                   # [rows, 1]
-            jw = j - 32 * w
-            in_word = (jw >= 0) & (jw < 32)
-            bit = lax.shift_right_logical(
-                jnp.broadcast_to(word, (rows, bk)),
-                jnp.broadcast_to(jnp.clip(jw, 0, 31), (rows, bk))) & 1
-            vis = vis | (in_word & (bit == 1))
-        else:
-          vis = k_pos <= q_pos
-        s = jnp.where(valid & vis, s, MASK_VALUE)
-        # Slots past the length may hold anything (even NaN/inf): p == 0
-        # there, but 0 * NaN is NaN, so zero those V rows too.
-        row_pos = start + lax.broadcasted_iota(jnp.int32, (bk, 1), 0)
-        v = jnp.where((row_pos >= nominal) & (row_pos < length), v,
-                      jnp.zeros_like(v))
-      m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
-      alpha = jnp.exp2(m_prev - m_new)
-      p = jnp.exp2(s - m_new[:, None])
-      l_new = alpha * l_prev + jnp.sum(p, axis=1)
-      acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
-      return acc, m_new, l_new
-
-    carry = (jnp.zeros((rows, d), jnp.float32),
-             jnp.full((rows,), -jnp.inf, jnp.float32),
-             jnp.zeros((rows,), jnp.float32))
-    mid = jnp.maximum(lo, n_full)
-    carry = lax.fori_loop(lo, mid, functools.partial(body, masked=False),
-                          carry)
-    carry = lax.fori_loop(mid, hi, functools.partial(body, masked=True), carry)
-    acc, m, l = carry
+    acc, m, l = _attend_split(
+        cfg, q_ref[...], lambda st: k_ref[pl.ds(st, cfg.block_k), :],
+        lambda st: v_ref[pl.ds(st, cfg.block_k), :],
+        lambda w: bits_ref[w, :][:, None], length, lo, hi)
     o_ref[...] = acc
     m_ref[...] = m
     l_ref[...] = l
+
+  @pl.when(lo >= hi)
+  def _skip():
+    o_ref[...] = jnp.zeros(o_ref.shape, o_ref.dtype)
+    m_ref[...] = jnp.full(m_ref.shape, MASK_VALUE, m_ref.dtype)
+    l_ref[...] = jnp.zeros(l_ref.shape, l_ref.dtype)
+
+
+def _decode_kernel_tpu(len_ref, q_ref, k_ref, v_ref, bits_ref, o_ref, m_ref,
+                       l_ref, *, cfg: _Config, kv_heads: int):
+  """TPU layout: one program per (row, split), looping over the kv heads.
+  The cache block is [max_len, kv_heads, D] as stored (last two dims whole),
+  lengths live in SMEM, m / l are stored lane-broadcast [.., rows, 128]."""
+  length = len_ref[pl.program_id(0)]
+  lo, hi = _split_range(cfg, pl.program_id(1), length)
+
+  @pl.when(lo < hi)
+  def _compute():
+    for h in range(kv_heads):
+      acc, m, l = _attend_split(
+          cfg, q_ref[h], lambda st: k_ref[pl.ds(st, cfg.block_k), h, :],
+          lambda st: v_ref[pl.ds(st, cfg.block_k), h, :],
+          lambda w: bits_ref[:, w:w + 1], length, lo, hi)
+      o_ref[h] = acc
+      m_ref[h] = jnp.broadcast_to(m[:, None], m_ref.shape[1:])
+      l_ref[h] = jnp.broadcast_to(l[:, None], l_ref.shape[1:])
 
   @pl.when(lo >= hi)
   def _skip():
@@ -169,14 +210,77 @@ def _decode(q, k, v, lengths, tree_mask, cfg: _Config):
     k, v = jnp.pad(k, pad), jnp.pad(v, pad)
   lengths = lengths.astype(jnp.int32)
 
-  if cfg.tree_words:
-    bits = _tree_bits(tree_mask, g, rows)
+  bits = _tree_bits(tree_mask, g, rows) if cfg.tree_words else None
+
+  ns, ml = cfg.num_splits, cfg.max_len
+  if cfg.tpu:
+    o, m, l = _decode_call_tpu(lengths, qr, k, v, bits, cfg)
+  else:
+    o, m, l = _decode_call_gpu(lengths, qr, k, v, bits, cfg)
+
+  # Merge the splits (flash-decoding reduction), base-2 domain.
+  m_all = jnp.max(m, axis=2, keepdims=True)
+  w = jnp.exp2(m - m_all)                                  # [B, Hkv, S, R]
+  l_all = jnp.sum(l * w, axis=2)                           # [B, Hkv, R]
+  out = jnp.sum(o * w[..., None], axis=2) / l_all[..., None]
+  out = out[:, :, : t * g, :head_dim].reshape(batch, kv_heads, t, g, head_dim)
+  out = out.transpose(0, 2, 1, 3, 4).reshape(batch, t, heads, head_dim)
+  return out.astype(q.dtype)
+
+
+def _decode_call_tpu(lengths, qr, k, v, bits, cfg: _Config):
+  """Partials [B, Hkv, splits, rows(, D)] from the TPU kernel."""
+  from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
+  batch, kv_heads, rows, d_pad = qr.shape
+  ns, ml = cfg.num_splits, cfg.max_len
+  smem = getattr(pltpu, "SMEM", None) or pltpu.MemorySpace.SMEM
+  if bits is not None:  # [B, W, rows] -> [B, rows, W]: words as columns
+    bits = jnp.swapaxes(bits, 1, 2)
+    bits_spec = pl.BlockSpec((None, rows, cfg.tree_words),
+                             lambda b, s: (b, 0, 0))
+  else:
+    bits_spec = None
+  stat_spec = pl.BlockSpec((None, None, kv_heads, rows, _LANES),
+                           lambda b, s: (b, s, 0, 0, 0))
+  o, m, l = pl.pallas_call(
+      functools.partial(_decode_kernel_tpu, cfg=cfg, kv_heads=kv_heads),
+      grid=(batch, ns),
+      in_specs=[
+          pl.BlockSpec(memory_space=smem),
+          pl.BlockSpec((None, kv_heads, rows, d_pad), lambda b, s: (b, 0, 0, 0)),
+          pl.BlockSpec((None, ml, kv_heads, d_pad), lambda b, s: (b, 0, 0, 0)),
+          pl.BlockSpec((None, ml, kv_heads, d_pad), lambda b, s: (b, 0, 0, 0)),
+          bits_spec,
+      ],
+      out_specs=[
+          pl.BlockSpec((None, None, kv_heads, rows, d_pad),
+                       lambda b, s: (b, s, 0, 0, 0)),
+          stat_spec, stat_spec,
+      ],
+      out_shape=[
+          jax.ShapeDtypeStruct((batch, ns, kv_heads, rows, d_pad), jnp.float32),
+          jax.ShapeDtypeStruct((batch, ns, kv_heads, rows, _LANES), jnp.float32),
+          jax.ShapeDtypeStruct((batch, ns, kv_heads, rows, _LANES), jnp.float32),
+      ],
+      compiler_params=_tpu_params(2),
+      interpret=cfg.interpret,
+      name="decode_attention",
+  )(lengths, qr, k, v, bits)
+  o = jnp.swapaxes(o, 1, 2)
+  m = jnp.swapaxes(m[..., 0], 1, 2)
+  l = jnp.swapaxes(l[..., 0], 1, 2)
+  return o, m, l
+
+
+def _decode_call_gpu(lengths, qr, k, v, bits, cfg: _Config):
+  """Partials [B, Hkv, splits, rows(, D)] from the Triton kernel."""
+  batch, kv_heads, rows, d_pad = qr.shape
+  ns, ml = cfg.num_splits, cfg.max_len
+  if bits is not None:
     bits_spec = pl.BlockSpec((None, cfg.tree_words, rows),
                              lambda b, h, s: (b, 0, 0))
   else:
-    bits, bits_spec = None, None
-
-  ns, ml = cfg.num_splits, cfg.max_len
+    bits_spec = None
   o, m, l = pl.pallas_call(
       functools.partial(_decode_kernel, cfg=cfg),
       grid=(batch, kv_heads, ns),
@@ -203,15 +307,7 @@ def _decode(q, k, v, lengths, tree_mask, cfg: _Config):
       interpret=cfg.interpret,
       name="decode_attention",
   )(lengths, qr, k, v, bits)
-
-  # Merge the splits (flash-decoding reduction), base-2 domain.
-  m_all = jnp.max(m, axis=2, keepdims=True)
-  w = jnp.exp2(m - m_all)                                  # [B, Hkv, S, R]
-  l_all = jnp.sum(l * w, axis=2)                           # [B, Hkv, R]
-  out = jnp.sum(o * w[..., None], axis=2) / l_all[..., None]
-  out = out[:, :, : t * g, :head_dim].reshape(batch, kv_heads, t, g, head_dim)
-  out = out.transpose(0, 2, 1, 3, 4).reshape(batch, t, heads, head_dim)
-  return out.astype(q.dtype)
+  return o, m, l
 
 
 def _concrete(x):
@@ -275,7 +371,8 @@ def decode_attention(q, k, v, lengths, *, sm_scale: float | None = None,
                      tree_mask=None, num_splits: int | None = None,
                      block_k: int | None = None, interpret: bool = False,
                      num_warps: int | None = None,
-                     num_stages: int | None = None):
+                     num_stages: int | None = None,
+                     backend: str | None = None):
   """Attention of T new queries per row against a static KV cache.
 
   Args:
@@ -291,12 +388,16 @@ def decode_attention(q, k, v, lengths, *, sm_scale: float | None = None,
     block_k: key tile (power of two, default 128, clamped to max_len).
     interpret: Pallas interpret mode (CPU).
     num_warps, num_stages: Triton compiler parameters (GPU only).
+    backend: "triton" (GPU), "mosaic_tpu" (TPU: one program per (row, split)
+      looping over the kv heads, so the cache is read in its stored layout),
+      or None: "mosaic_tpu" when the default device is a TPU.
 
   Returns:
     ``[batch, T, heads, head_dim]`` in ``q.dtype``. If ``q.dtype`` differs
     from the cache dtype, q is cast to the cache dtype for the matmuls.
   """
   _check_inputs(q, k, v, lengths, tree_mask)
+  tpu = _resolve_backend(backend, "decode_attention") == "mosaic_tpu"
   batch, t, heads, head_dim = q.shape
   max_len, kv_heads = k.shape[1], k.shape[2]
   groups = heads // kv_heads
@@ -312,8 +413,11 @@ def decode_attention(q, k, v, lengths, *, sm_scale: float | None = None,
   block_k = min(int(block_k), 1 << (padded_len.bit_length() - 1))
   num_blocks = -(-padded_len // block_k)
   if num_splits is None:
-    num_splits = min(num_blocks, _MAX_SPLITS,
-                     max(1, -(-_TARGET_PROGRAMS // (batch * kv_heads))))
+    # TPU: a core runs the grid in order and each program already holds the
+    # row's whole cache block, so splitting buys nothing there.
+    num_splits = 1 if tpu else min(
+        num_blocks, _MAX_SPLITS,
+        max(1, -(-_TARGET_PROGRAMS // (batch * kv_heads))))
   if not isinstance(num_splits, (int, np.integer)) or num_splits < 1:
     raise ValueError(f"decode_attention: num_splits must be a positive int, "
                      f"got {num_splits}")
@@ -324,7 +428,8 @@ def decode_attention(q, k, v, lengths, *, sm_scale: float | None = None,
       rows=max(_MIN_TILE, _next_pow2(t * groups)), block_k=block_k,
       blocks_per_split=blocks_per_split, num_splits=num_splits,
       max_len=padded_len, tree_words=0 if tree_mask is None else -(-t // 32),
-      interpret=bool(interpret), num_warps=num_warps, num_stages=num_stages)
+      interpret=bool(interpret), num_warps=num_warps, num_stages=num_stages,
+      tpu=tpu)
   return _decode(q, k, v, lengths, tree_mask, cfg)
 
 

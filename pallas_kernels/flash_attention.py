@@ -19,6 +19,15 @@ Layout: ``q [batch, seq_q, heads, head_dim]``, ``k``/``v``
 The kernels only use operations that the Pallas Triton lowering supports
 (power-of-two tiles, ``pl.ds`` loads, ``lax.fori_loop``), so the same code
 runs on GPU (Triton) and on CPU with ``interpret=True``.
+
+TPU (``backend="mosaic_tpu"``, the default on a TPU): the same kernels with
+the layout Mosaic TPU needs (the last two dims of every block are full or
+(8, 128)-aligned): q/k/v are transposed to ``[batch, heads, seq, head_dim]``
+around the kernels, the logsumexp and delta rows are stored lane-broadcast
+(``[..., seq, 128]``), segment ids are passed twice (a ``[batch, seq, 128]``
+column copy and a ``[batch, 8, seq]`` row copy), and the dK/dV kernel works on
+``s = q k^T`` (contracting its first axis for the dK/dV matmuls) instead of
+``s^T``, so no vector is ever transposed inside a kernel.
 """
 from __future__ import annotations
 
@@ -44,6 +53,11 @@ DEFAULT_BLOCK_K = 64
 # Inner chunk of both backward kernels (the Triton FA-2 tutorial's choice:
 # resident tile of 128, streamed chunks of 32).
 DEFAULT_BLOCK_BWD = 32
+# TPU: tiles are (8, 128)-aligned; row statistics are stored lane-broadcast.
+TPU_BLOCK = 128
+_LANES = 128
+_SUBLANES = 8
+BACKENDS = ("triton", "mosaic_tpu")
 
 
 # ----------------------------------------------------------------------------
@@ -70,6 +84,36 @@ def _compiler_params(num_warps: int | None, num_stages: int | None):
   if cls is None:  # pragma: no cover
     return None
   return cls(num_warps=num_warps, num_stages=num_stages)
+
+
+def _resolve_backend(backend, who: str) -> str:
+  """"triton" / "mosaic_tpu"; None picks by the default JAX backend."""
+  if backend is None:
+    return "mosaic_tpu" if jax.default_backend() == "tpu" else "triton"
+  if backend not in BACKENDS:
+    raise ValueError(f"{who}: backend must be one of {BACKENDS} or None "
+                     f"(pick by device), got {backend!r}")
+  return backend
+
+
+def _tpu_params(grid_rank: int, arbitrary: tuple = ()):
+  """Mosaic TPU compiler params: every grid axis parallel except `arbitrary`."""
+  from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
+  cls = getattr(pltpu, "CompilerParams", None) or getattr(
+      pltpu, "TPUCompilerParams")
+  sem = tuple("arbitrary" if i in arbitrary else "parallel"
+              for i in range(grid_rank))
+  return cls(dimension_semantics=sem)
+
+
+def _col(ref, rows, tpu: bool):
+  """[n, 1] column from a per-row vector ref: [S] (GPU) or [S, 128] (TPU)."""
+  return ref[rows, 0:1] if tpu else ref[rows][:, None]
+
+
+def _row(ref, cols, tpu: bool):
+  """[1, n] row from a per-key vector ref: [S] (GPU) or [8, S] (TPU)."""
+  return ref[0:1, cols] if tpu else ref[cols][None, :]
 
 
 def _dot(a, b, *, trans_b: bool = False):
@@ -101,6 +145,7 @@ class _Config:
   interpret: bool
   num_warps: int | None
   num_stages: int | None
+  tpu: bool = False   # Mosaic TPU layout (see the module docstring)
 
   @property
   def kv_padded(self) -> bool:
@@ -142,7 +187,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, seg_q_ref, seg_k_ref, o_ref, lse_ref, *,
   d = q.shape[-1]
   scale = cfg.sm_scale * _LOG2E                    # work in base 2
   q_pos = (q_start + lax.broadcasted_iota(jnp.int32, (bq, 1), 0))
-  q_seg = seg_q_ref[...][:, None] if cfg.has_segments else None
+  q_seg = _col(seg_q_ref, slice(None), cfg.tpu) if cfg.has_segments else None
 
   def body(kb, carry, *, causal):
     acc, m_prev, l_prev = carry
@@ -151,7 +196,8 @@ def _fwd_kernel(q_ref, k_ref, v_ref, seg_q_ref, seg_k_ref, o_ref, lse_ref, *,
     v = v_ref[pl.ds(k_start, bk), :]
     s = _dot(q, k, trans_b=True) * scale           # [bq, bk] fp32
     k_pos = k_start + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
-    k_seg = seg_k_ref[pl.ds(k_start, bk)][None, :] if cfg.has_segments else None
+    k_seg = (_row(seg_k_ref, pl.ds(k_start, bk), cfg.tpu)
+             if cfg.has_segments else None)
     s = _mask_block(cfg, s, q_pos, k_pos, q_seg, k_seg, causal=causal)
     m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
     alpha = jnp.exp2(m_prev - m_new)
@@ -176,7 +222,11 @@ def _fwd_kernel(q_ref, k_ref, v_ref, seg_q_ref, seg_k_ref, o_ref, lse_ref, *,
                           functools.partial(body, causal=False), carry)
   acc, m, l = carry
   o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
-  lse_ref[...] = m + jnp.log2(l)
+  lse = m + jnp.log2(l)
+  if cfg.tpu:
+    lse_ref[...] = jnp.broadcast_to(lse[:, None], lse_ref.shape)
+  else:
+    lse_ref[...] = lse
 
 
 def _q_block_index(cfg: _Config, num_q_blocks: int):
@@ -186,6 +236,8 @@ def _q_block_index(cfg: _Config, num_q_blocks: int):
 
 
 def _fwd_call(q, k, v, seg, cfg: _Config):
+  if cfg.tpu:
+    return _fwd_call_tpu(q, k, v, seg, cfg)
   batch, sq, heads, d = q.shape
   sk = k.shape[1]
   bq, bk, g = cfg.block_q, cfg.block_k, cfg.groups
@@ -223,6 +275,97 @@ def _fwd_call(q, k, v, seg, cfg: _Config):
       name="flash_attention_fwd",
   )(q, k, v, *seg_args)
   return out, lse
+
+
+def _fwd_call_tpu(q, k, v, seg, cfg: _Config):
+  """q/k/v ``[batch, heads, seq, head_dim]``; seg (column, row) copies."""
+  batch, heads, sq, d = q.shape
+  sk = k.shape[2]
+  bq, g = cfg.block_q, cfg.groups
+  nq, nk = sq // bq, sk // cfg.block_k
+  qidx = _q_block_index(cfg, nq)
+  kernel = functools.partial(_fwd_kernel, cfg=cfg, num_q_blocks=nq,
+                             num_k_blocks=nk)
+  q_spec = pl.BlockSpec((None, None, bq, d), lambda i, b, h: (b, h, qidx(i), 0))
+  kv_spec = pl.BlockSpec((None, None, sk, d),
+                         lambda i, b, h: (b, lax.div(h, g), 0, 0))
+  seg_specs, seg_args = [None, None], (None, None)
+  if cfg.has_segments:
+    seg_specs = [pl.BlockSpec((None, bq, _LANES), lambda i, b, h: (b, qidx(i), 0)),
+                 pl.BlockSpec((None, _SUBLANES, sk), lambda i, b, h: (b, 0, 0))]
+    seg_args = seg
+  out, lse = pl.pallas_call(
+      kernel,
+      grid=(nq, batch, heads),
+      in_specs=[q_spec, kv_spec, kv_spec, *seg_specs],
+      out_specs=[
+          q_spec,
+          pl.BlockSpec((None, None, bq, _LANES),
+                       lambda i, b, h: (b, h, qidx(i), 0)),
+      ],
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+                 jax.ShapeDtypeStruct((batch, heads, sq, _LANES), jnp.float32)],
+      compiler_params=_tpu_params(3),
+      interpret=cfg.interpret,
+      name="flash_attention_fwd",
+  )(q, k, v, *seg_args)
+  return out, lse
+
+
+def _bwd_call_tpu(q, k, v, seg, out, lse, do, cfg: _Config):
+  """The backward kernels in the TPU layout (see _fwd_call_tpu)."""
+  batch, heads, sq, d = q.shape
+  kv_heads, sk = k.shape[1], k.shape[2]
+  bq, bk, g = cfg.block_q, cfg.block_bwd, cfg.groups
+  delta = jnp.einsum("bhsd,bhsd->bhs", out.astype(jnp.float32),
+                     do.astype(jnp.float32))
+  delta = jnp.broadcast_to(delta[..., None], delta.shape + (_LANES,))
+
+  nkv, nqc = sk // bq, sq // bk
+  seg_specs, seg_args = [None, None], (None, None)
+  if cfg.has_segments:
+    seg_specs = [pl.BlockSpec((None, sq, _LANES), lambda i, b, h: (b, 0, 0)),
+                 pl.BlockSpec((None, _SUBLANES, bq), lambda i, b, h: (b, 0, i))]
+    seg_args = seg
+  group_spec = pl.BlockSpec((None, g, sq, d), lambda i, b, h: (b, h, 0, 0))
+  group_row_spec = pl.BlockSpec((None, g, sq, _LANES),
+                                lambda i, b, h: (b, h, 0, 0))
+  tile_spec = pl.BlockSpec((None, None, bq, d), lambda i, b, h: (b, h, i, 0))
+  dk, dv = pl.pallas_call(
+      functools.partial(_dkdv_kernel_tpu, cfg=cfg, num_q_blocks=nqc),
+      grid=(nkv, batch, kv_heads),
+      in_specs=[group_spec, tile_spec, tile_spec, group_spec, group_row_spec,
+                group_row_spec, *seg_specs],
+      out_specs=[tile_spec, tile_spec],
+      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype),
+                 jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      compiler_params=_tpu_params(3),
+      interpret=cfg.interpret,
+      name="flash_attention_bwd_dkdv",
+  )(q, k, v, do, lse, delta, *seg_args)
+
+  nq, nk = sq // bq, sk // bk
+  qidx = _q_block_index(cfg, nq)
+  if cfg.has_segments:
+    seg_specs = [pl.BlockSpec((None, bq, _LANES), lambda i, b, h: (b, qidx(i), 0)),
+                 pl.BlockSpec((None, _SUBLANES, sk), lambda i, b, h: (b, 0, 0))]
+  q_spec = pl.BlockSpec((None, None, bq, d), lambda i, b, h: (b, h, qidx(i), 0))
+  kv_spec = pl.BlockSpec((None, None, sk, d),
+                         lambda i, b, h: (b, lax.div(h, g), 0, 0))
+  row_spec = pl.BlockSpec((None, None, bq, _LANES),
+                          lambda i, b, h: (b, h, qidx(i), 0))
+  dq = pl.pallas_call(
+      functools.partial(_dq_kernel, cfg=cfg, num_q_blocks=nq, num_k_blocks=nk),
+      grid=(nq, batch, heads),
+      in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec,
+                *seg_specs],
+      out_specs=q_spec,
+      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      compiler_params=_tpu_params(3),
+      interpret=cfg.interpret,
+      name="flash_attention_bwd_dq",
+  )(q, k, v, do, lse, delta, *seg_args)
+  return dq, dk, dv
 
 
 # ----------------------------------------------------------------------------
@@ -284,6 +427,61 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_q_ref,
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
+def _dkdv_kernel_tpu(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_q_ref,
+                     seg_k_ref, dk_ref, dv_ref, *, cfg: _Config,
+                     num_q_blocks: int):
+  """_dkdv_kernel in the TPU layout: q/do blocks [G, S, D], lse/delta
+  [G, S, 128]; works on s = q k^T so row statistics stay columns."""
+  bkv, bqc = cfg.block_q, cfg.block_bwd
+  kb = pl.program_id(0)
+  k_start = kb * bkv
+  k = k_ref[...]                                   # [bkv, D]
+  v = v_ref[...]
+  d = k.shape[-1]
+  scale = cfg.sm_scale * _LOG2E
+  k_pos = k_start + lax.broadcasted_iota(jnp.int32, (1, bkv), 1)
+  k_seg = _row(seg_k_ref, slice(None), True) if cfg.has_segments else None
+
+  def q_body(qb, carry, *, j, causal):
+    dk, dv = carry
+    q_start = qb * bqc
+    rows = pl.ds(q_start, bqc)
+    q = q_ref[j, rows, :]                          # [bqc, D]
+    do = do_ref[j, rows, :]
+    lse = lse_ref[j, rows, 0:1]                    # [bqc, 1]
+    delta = delta_ref[j, rows, 0:1]
+    s = _dot(q, k, trans_b=True) * scale           # [bqc, bkv]
+    q_pos = q_start + lax.broadcasted_iota(jnp.int32, (bqc, 1), 0)
+    q_seg = _col(seg_q_ref, rows, True) if cfg.has_segments else None
+    s = _mask_block(cfg, s, q_pos, k_pos, q_seg, k_seg, causal=causal)
+    p = jnp.exp2(s - lse)
+    dv = dv + _dot_tn(p.astype(do.dtype), do)      # p^T do: [bkv, D]
+    dp = _dot(do, v, trans_b=True)                 # [bqc, bkv]
+    ds = p * (dp - delta)
+    dk = dk + _dot_tn(ds.astype(q.dtype), q)
+    return dk, dv
+
+  def head_body(j, carry):
+    if cfg.causal:
+      lo = lax.div(k_start, bqc)
+      full = jnp.minimum(lax.div(k_start + bkv - 1 + bqc - 1, bqc),
+                         num_q_blocks)
+      carry = lax.fori_loop(
+          lo, full, functools.partial(q_body, j=j, causal=True), carry)
+      carry = lax.fori_loop(
+          full, num_q_blocks, functools.partial(q_body, j=j, causal=False),
+          carry)
+    else:
+      carry = lax.fori_loop(
+          0, num_q_blocks, functools.partial(q_body, j=j, causal=False), carry)
+    return carry
+
+  carry = (jnp.zeros((bkv, d), jnp.float32), jnp.zeros((bkv, d), jnp.float32))
+  dk, dv = lax.fori_loop(0, cfg.groups, head_body, carry)
+  dk_ref[...] = (dk * cfg.sm_scale).astype(dk_ref.dtype)
+  dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_q_ref,
                seg_k_ref, dq_ref, *, cfg: _Config, num_q_blocks: int,
                num_k_blocks: int):
@@ -294,12 +492,12 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_q_ref,
   q_start = qi * bq
   q = q_ref[...]
   do = do_ref[...]
-  lse = lse_ref[...]
-  delta = delta_ref[...]
+  lse = _col(lse_ref, slice(None), cfg.tpu)         # [bq, 1]
+  delta = _col(delta_ref, slice(None), cfg.tpu)
   d = q.shape[-1]
   scale = cfg.sm_scale * _LOG2E
   q_pos = q_start + lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
-  q_seg = seg_q_ref[...][:, None] if cfg.has_segments else None
+  q_seg = _col(seg_q_ref, slice(None), cfg.tpu) if cfg.has_segments else None
 
   def body(kb, dq, *, causal):
     k_start = kb * bk
@@ -307,11 +505,12 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_q_ref,
     v = v_ref[pl.ds(k_start, bk), :]
     s = _dot(q, k, trans_b=True) * scale
     k_pos = k_start + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
-    k_seg = seg_k_ref[pl.ds(k_start, bk)][None, :] if cfg.has_segments else None
+    k_seg = (_row(seg_k_ref, pl.ds(k_start, bk), cfg.tpu)
+             if cfg.has_segments else None)
     s = _mask_block(cfg, s, q_pos, k_pos, q_seg, k_seg, causal=causal)
-    p = jnp.exp2(s - lse[:, None])
+    p = jnp.exp2(s - lse)
     dp = _dot(do, v, trans_b=True)
-    ds = p * (dp - delta[:, None])
+    ds = p * (dp - delta)
     return dq + _dot(ds.astype(k.dtype), k)
 
   dq = jnp.zeros((bq, d), jnp.float32)
@@ -327,6 +526,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_q_ref,
 
 
 def _bwd_call(q, k, v, seg, out, lse, do, cfg: _Config):
+  if cfg.tpu:
+    return _bwd_call_tpu(q, k, v, seg, out, lse, do, cfg)
   batch, sq, heads, d = q.shape
   sk, kv_heads = k.shape[1], k.shape[2]
   bq, bk, g = cfg.block_q, cfg.block_bwd, cfg.groups
@@ -406,7 +607,7 @@ def _flash_fwd(q, k, v, seg, cfg: _Config):
 def _flash_bwd(cfg: _Config, res, do):
   q, k, v, seg, out, lse = res
   dq, dk, dv = _bwd_call(q, k, v, seg, out, lse, do, cfg)
-  return dq, dk, dv, None
+  return dq, dk, dv, jax.tree.map(lambda _: None, seg)
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -473,7 +674,7 @@ def flash_attention(q, k, v, *, causal: bool = True, segment_ids=None,
                     sm_scale: float | None = None, block_q: int | None = None,
                     block_k: int | None = None, interpret: bool = False,
                     num_warps: int | None = None,
-                    num_stages: int | None = None):
+                    num_stages: int | None = None, backend: str | None = None):
   """Fused multi-head / grouped-query attention with a FlashAttention-2 VJP.
 
   Args:
@@ -484,23 +685,29 @@ def flash_attention(q, k, v, *, causal: bool = True, segment_ids=None,
       tokens only attend to tokens with the same id.
     sm_scale: softmax scale, default ``1/sqrt(head_dim)``.
     block_q, block_k: tile sizes (powers of two). Defaults 128/64 (H100),
-      clamped to the padded sequence length for short inputs.
+      128/128 on TPU, clamped to the padded sequence length for short inputs.
     interpret: run the Pallas kernels in interpret mode (CPU testing).
     num_warps, num_stages: Triton compiler parameters (GPU only).
+    backend: "triton" (GPU), "mosaic_tpu" (TPU layout, see the module
+      docstring) or None: "mosaic_tpu" when the default device is a TPU.
 
   Returns:
     ``[batch, seq_q, heads, head_dim]`` in ``q.dtype``.
   """
   _check_inputs(q, k, v, segment_ids)
+  backend = _resolve_backend(backend, "flash_attention")
+  tpu = backend == "mosaic_tpu"
   batch, seq_q, heads, head_dim = q.shape
   seq_k, kv_heads = k.shape[1], k.shape[2]
   if sm_scale is None:
     sm_scale = 1.0 / math.sqrt(head_dim)
   min_block = 16  # Triton dot tiles need >= 16 rows/cols.
+  default_q, default_k = ((TPU_BLOCK, TPU_BLOCK) if tpu
+                          else (DEFAULT_BLOCK_Q, DEFAULT_BLOCK_K))
   if block_q is None:
-    block_q = min(DEFAULT_BLOCK_Q, max(min_block, _next_pow2(seq_q)))
+    block_q = min(default_q, max(min_block, _next_pow2(seq_q)))
   if block_k is None:
-    block_k = min(DEFAULT_BLOCK_K, max(min_block, _next_pow2(seq_k)))
+    block_k = min(default_k, max(min_block, _next_pow2(seq_k)))
   _check_block("block_q", block_q)
   _check_block("block_k", block_k)
   block_q, block_k = int(block_q), int(block_k)
@@ -510,14 +717,21 @@ def flash_attention(q, k, v, *, causal: bool = True, segment_ids=None,
   tile = max(block_q, block_k)
   sq_pad, sk_pad = _round_up(seq_q, tile), _round_up(seq_k, tile)
   d_pad = max(_next_pow2(head_dim), min_block)
+  if (tpu and segment_ids is not None and block_q % TPU_BLOCK
+      and sk_pad > block_q):
+    # The dK/dV kernel's segment-id row block is lane-dim: 128-aligned or whole.
+    raise ValueError(
+        f"flash_attention: on TPU with segment_ids, block_q must be a multiple"
+        f" of {TPU_BLOCK} when the sequence ({seq_k}) is longer than it (got "
+        f"block_q={block_q}); leave block_q=None for the default")
 
   cfg = _Config(causal=bool(causal), sm_scale=float(sm_scale),
                 block_q=block_q, block_k=block_k,
-                block_bwd=min(block_k, DEFAULT_BLOCK_BWD),
+                block_bwd=block_k if tpu else min(block_k, DEFAULT_BLOCK_BWD),
                 seq_q=seq_q, seq_k=seq_k,
                 groups=heads // kv_heads, has_segments=segment_ids is not None,
                 interpret=bool(interpret), num_warps=num_warps,
-                num_stages=num_stages)
+                num_stages=num_stages, tpu=tpu)
   return _flash_padded(q, k, v, segment_ids, cfg, sq_pad, sk_pad, d_pad)
 
 
@@ -530,7 +744,15 @@ def _flash_padded(q, k, v, segment_ids, cfg, sq_pad, sk_pad, d_pad):
   seg = None
   if segment_ids is not None:
     seg = _pad_axis(segment_ids.astype(jnp.int32), 1, sq_pad, value=-1)
-  out = _flash(qp, kp, vp, seg, cfg)
+  if cfg.tpu:
+    to_bhsd = lambda x: jnp.swapaxes(x, 1, 2)
+    if seg is not None:  # a lane-broadcast column copy and a row copy
+      seg = (jnp.broadcast_to(seg[:, :, None], seg.shape + (_LANES,)),
+             jnp.broadcast_to(seg[:, None, :],
+                              (seg.shape[0], _SUBLANES, seg.shape[1])))
+    out = to_bhsd(_flash(to_bhsd(qp), to_bhsd(kp), to_bhsd(vp), seg, cfg))
+  else:
+    out = _flash(qp, kp, vp, seg, cfg)
   return out[:, :seq_q, :, :head_dim]
 
 
