@@ -12,7 +12,13 @@ inputs (different seed, ragged lengths for decode); failures are reported and
 the timing is skipped. Timings: warm-up, then the median over samples of
 `--inner` back-to-back calls each, synchronised with block_until_ready.
 
-  python benchmarks/attention.py [--small] [--out results.json]
+  python benchmarks/attention.py [--small] [--tune] [--out results.json]
+
+Decode also times a device-to-device copy of the cache (read + write bytes,
+as BENCHMARKING.md counts it): the goal is decode >= 80% of that bandwidth.
+`--tune` adds the Pallas kernels at every block size / warp / stage setting
+of a small grid (prefill) and every block_k / num_splits (decode), one row
+each, so one GPU run picks the defaults.
 
 `--small` (the default without a GPU) runs tiny sizes on CPU with the Pallas
 kernels in interpret mode, so the script itself can be exercised anywhere.
@@ -76,7 +82,20 @@ def _normal(key, shape, dtype):
 # ----------------------------------------------------------------------------
 # Prefill.
 # ----------------------------------------------------------------------------
-def _prefill_impls(interpret: bool):
+PREFILL_TUNE = [dict(block_q=bq, block_k=bk, num_warps=w, num_stages=st)
+                for bq in (64, 128) for bk in (32, 64, 128)
+                for w in (4, 8) for st in (2, 3)]
+DECODE_TUNE = [dict(block_k=bk, num_splits=ns)
+               for bk in (64, 128, 256) for ns in (1, 4, 16, 64)]
+
+
+def _tag(kw) -> str:
+  short = dict(block_q="bq", block_k="bk", num_warps="w", num_stages="s",
+               num_splits="sp")
+  return " ".join(f"{short[k]}{v}" for k, v in kw.items())
+
+
+def _prefill_impls(interpret: bool, tune: bool = False):
   impls = {}
 
   def xla(q, k, v):
@@ -100,10 +119,13 @@ def _prefill_impls(interpret: bool):
 
   impls["pallas_flash"] = functools.partial(flash_attention, causal=True,
                                             interpret=interpret)
+  for kw in PREFILL_TUNE if tune else ():
+    impls[f"pallas {_tag(kw)}"] = functools.partial(
+        flash_attention, causal=True, interpret=interpret, **kw)
   return impls
 
 
-def bench_prefill(shape, dtype, *, interpret, timing, records):
+def bench_prefill(shape, dtype, *, interpret, timing, records, tune=False):
   b, s, h, d = shape
   fwd_flops = 4.0 * b * h * s * s * d / 2          # causal: half the matrix
   total_flops = 3.5 * fwd_flops                    # bwd = 2.5x fwd
@@ -125,7 +147,7 @@ def bench_prefill(shape, dtype, *, interpret, timing, records):
   kt = jax.random.split(jax.random.PRNGKey(0), 4)
   qt, kt_, vt, ctt = (_normal(kk, shape, dtype) for kk in kt)
 
-  for name, fn in _prefill_impls(interpret).items():
+  for name, fn in _prefill_impls(interpret, tune).items():
     for mode in ("fwd", "fwd+bwd"):
       rec = dict(case=case, impl=name, mode=mode, metric="TFLOP/s")
       records.append(rec)
@@ -180,7 +202,8 @@ def xla_decode(q, k, v, lengths):
   return o.reshape(b, t, h, d).astype(q.dtype)
 
 
-def bench_decode(b, hq, hkv, s, d, t, dtype, *, interpret, timing, records):
+def bench_decode(b, hq, hkv, s, d, t, dtype, *, interpret, timing, records,
+                 tune=False):
   case = f"decode B{b} Hq{hq} Hkv{hkv} S{s} D{d} T{t} {jnp.dtype(dtype).name}"
   itemsize = jnp.dtype(dtype).itemsize
 
@@ -206,6 +229,15 @@ def bench_decode(b, hq, hkv, s, d, t, dtype, *, interpret, timing, records):
       "pallas_decode": functools.partial(decode_attention,
                                          interpret=interpret),
   }
+  for kw in DECODE_TUNE if tune else ():
+    impls[f"pallas {_tag(kw)}"] = functools.partial(
+        decode_attention, interpret=interpret, **kw)
+  if t == 1:  # the ceiling: copy the cache (read + write, BENCHMARKING.md)
+    rec = dict(case=case, impl="copy (r+w)", mode="copy", metric="GB/s")
+    records.append(rec)
+    copy = jax.jit(lambda k, v: (k * 1, v * 1))
+    tt = _time(copy, (kt_, vt), **timing)
+    rec.update(time_ms=tt * 1e3, value=2 * cache_bytes / tt / 1e9, status="ok")
   for name, fn in impls.items():
     rec = dict(case=case, impl=name, mode="decode", metric="GB/s")
     records.append(rec)
@@ -227,7 +259,7 @@ def bench_decode(b, hq, hkv, s, d, t, dtype, *, interpret, timing, records):
 
 # ----------------------------------------------------------------------------
 def _print_table(records):
-  header = (f"{'case':<44} {'impl':<14} {'mode':<8} {'ms':>9} "
+  header = (f"{'case':<44} {'impl':<22} {'mode':<8} {'ms':>9} "
             f"{'value':>10} {'unit':<8} {'rel_err':>9}  status")
   print("\n" + header)
   print("-" * len(header))
@@ -235,7 +267,7 @@ def _print_table(records):
     ms = f"{r['time_ms']:.3f}" if "time_ms" in r else "-"
     val = f"{r['value']:.4g}" if "value" in r else "-"
     err = f"{r['max_rel_err']:.2e}" if "max_rel_err" in r else "-"
-    print(f"{r['case']:<44} {r['impl']:<14} {r['mode']:<8} {ms:>9} {val:>10} "
+    print(f"{r['case']:<44} {r['impl']:<22} {r['mode']:<8} {ms:>9} {val:>10} "
           f"{r['metric']:<8} {err:>9}  {r['status']}")
 
 
@@ -248,6 +280,9 @@ def main(argv=None):
   parser.add_argument("--samples", type=int, default=None)
   parser.add_argument("--inner", type=int, default=None)
   parser.add_argument("--warmup", type=int, default=None)
+  parser.add_argument("--tune", action="store_true",
+                      help="also time the Pallas kernels over a grid of "
+                           "block sizes / warps / stages / splits")
   args = parser.parse_args(argv)
 
   gpu = _has_gpu()
@@ -270,10 +305,10 @@ def main(argv=None):
         f"interpret={interpret}", flush=True)
   records = []
   bench_prefill(prefill_shape, dtype, interpret=interpret, timing=timing,
-                records=records)
+                records=records, tune=args.tune)
   for t in (1, 5):
     bench_decode(*decode_cfg, t, dtype, interpret=interpret, timing=timing,
-                 records=records)
+                 records=records, tune=args.tune)
   _print_table(records)
   if args.out:
     meta = dict(jax=jax.__version__, backend=jax.default_backend(),
