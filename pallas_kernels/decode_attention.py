@@ -34,8 +34,9 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels.flash_attention import (_LANES, _LOG2E, MASK_VALUE,
                                             _compiler_params, _dot, _is_pow2,
-                                            _next_pow2, _resolve_backend,
-                                            _tpu_params)
+                                            _next_pow2, _online_softmax_init,
+                                            _online_softmax_step,
+                                            _resolve_backend, _tpu_params)
 
 __all__ = ["decode_attention", "decode_attention_reference"]
 
@@ -77,7 +78,6 @@ def _attend_split(cfg: _Config, q, load_k, load_v, tree_word, length, lo, hi):
   q_pos = base + t_of_row                                    # [rows, 1]
 
   def body(kb, carry, *, masked):
-    acc, m_prev, l_prev = carry
     nominal = kb * bk
     start = jnp.minimum(nominal, cfg.max_len - bk) if masked else nominal
     k = load_k(start)
@@ -105,16 +105,9 @@ def _attend_split(cfg: _Config, q, load_k, load_v, tree_word, length, lo, hi):
       row_pos = start + lax.broadcasted_iota(jnp.int32, (bk, 1), 0)
       v = jnp.where((row_pos >= nominal) & (row_pos < length), v,
                     jnp.zeros_like(v))
-    m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
-    alpha = jnp.exp2(m_prev - m_new)
-    p = jnp.exp2(s - m_new[:, None])
-    l_new = alpha * l_prev + jnp.sum(p, axis=1)
-    acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
-    return acc, m_new, l_new
+    return _online_softmax_step(carry, s, v)
 
-  carry = (jnp.zeros((rows, d), jnp.float32),
-           jnp.full((rows,), -jnp.inf, jnp.float32),
-           jnp.zeros((rows,), jnp.float32))
+  carry = _online_softmax_init(rows, d)
   mid = jnp.maximum(lo, n_full)
   carry = lax.fori_loop(lo, mid, functools.partial(body, masked=False), carry)
   return lax.fori_loop(mid, hi, functools.partial(body, masked=True), carry)

@@ -122,6 +122,24 @@ def _dot(a, b, *, trans_b: bool = False):
   return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
 
+def _online_softmax_init(rows: int, d: int):
+  """(acc [rows, D], running max [rows], running sum [rows]) before any key."""
+  return (jnp.zeros((rows, d), jnp.float32),
+          jnp.full((rows,), -jnp.inf, jnp.float32),
+          jnp.zeros((rows,), jnp.float32))
+
+
+def _online_softmax_step(carry, s, v):
+  """Folds one key block (base-2 scores s [rows, bk], values v) into carry."""
+  acc, m_prev, l_prev = carry
+  m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
+  alpha = jnp.exp2(m_prev - m_new)
+  p = jnp.exp2(s - m_new[:, None])
+  l_new = alpha * l_prev + jnp.sum(p, axis=1)
+  acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
+  return acc, m_new, l_new
+
+
 def _dot_tn(a, b):
   """a.T @ b with fp32 accumulation."""
   return lax.dot_general(a, b, (((0,), (0,)), ((), ())),
@@ -190,7 +208,6 @@ def _fwd_kernel(q_ref, k_ref, v_ref, seg_q_ref, seg_k_ref, o_ref, lse_ref, *,
   q_seg = _col(seg_q_ref, slice(None), cfg.tpu) if cfg.has_segments else None
 
   def body(kb, carry, *, causal):
-    acc, m_prev, l_prev = carry
     k_start = kb * bk
     k = k_ref[pl.ds(k_start, bk), :]
     v = v_ref[pl.ds(k_start, bk), :]
@@ -199,16 +216,9 @@ def _fwd_kernel(q_ref, k_ref, v_ref, seg_q_ref, seg_k_ref, o_ref, lse_ref, *,
     k_seg = (_row(seg_k_ref, pl.ds(k_start, bk), cfg.tpu)
              if cfg.has_segments else None)
     s = _mask_block(cfg, s, q_pos, k_pos, q_seg, k_seg, causal=causal)
-    m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
-    alpha = jnp.exp2(m_prev - m_new)
-    p = jnp.exp2(s - m_new[:, None])
-    l_new = alpha * l_prev + jnp.sum(p, axis=1)
-    acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
-    return acc, m_new, l_new
+    return _online_softmax_step(carry, s, v)
 
-  carry = (jnp.zeros((bq, d), jnp.float32),
-           jnp.full((bq,), -jnp.inf, jnp.float32),
-           jnp.zeros((bq,), jnp.float32))
+  carry = _online_softmax_init(bq, d)
   if cfg.causal:
     # Key blocks entirely at or below the diagonal need no causal mask.
     upper = jnp.minimum(lax.div(q_start + bq + bk - 1, bk), num_k_blocks)
@@ -332,7 +342,7 @@ def _bwd_call_tpu(q, k, v, seg, out, lse, do, cfg: _Config):
                                 lambda i, b, h: (b, h, 0, 0))
   tile_spec = pl.BlockSpec((None, None, bq, d), lambda i, b, h: (b, h, i, 0))
   dk, dv = pl.pallas_call(
-      functools.partial(_dkdv_kernel_tpu, cfg=cfg, num_q_blocks=nqc),
+      functools.partial(_dkdv_kernel, cfg=cfg, num_q_blocks=nqc),
       grid=(nkv, batch, kv_heads),
       in_specs=[group_spec, tile_spec, tile_spec, group_spec, group_row_spec,
                 group_row_spec, *seg_specs],
@@ -374,96 +384,55 @@ def _bwd_call_tpu(q, k, v, seg, out, lse, do, cfg: _Config):
 def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_q_ref,
                  seg_k_ref, dk_ref, dv_ref, *, cfg: _Config, num_q_blocks: int):
   # Key tile of size block_q (the bigger tile stays resident), query chunks of
-  # size block_bwd.
+  # size block_bwd. GPU: q/do blocks [S, G, D], lse/delta [G, S], and the
+  # tile is worked on as s^T = k q^T. TPU: q/do [G, S, D], lse/delta
+  # [G, S, 128], s = q k^T with the dK/dV matmuls contracting its first axis
+  # (row statistics stay columns: nothing is transposed in the kernel).
   bkv, bqc = cfg.block_q, cfg.block_bwd
+  tpu = cfg.tpu
   kb = pl.program_id(0)
   k_start = kb * bkv
   k = k_ref[...]                                   # [bkv, D]
   v = v_ref[...]
   d = k.shape[-1]
   scale = cfg.sm_scale * _LOG2E
-  k_pos = k_start + lax.broadcasted_iota(jnp.int32, (bkv, 1), 0)
-  k_seg = seg_k_ref[...][:, None] if cfg.has_segments else None
+  if tpu:
+    k_pos = k_start + lax.broadcasted_iota(jnp.int32, (1, bkv), 1)
+    k_seg = _row(seg_k_ref, slice(None), True) if cfg.has_segments else None
+  else:
+    k_pos = k_start + lax.broadcasted_iota(jnp.int32, (bkv, 1), 0)
+    k_seg = seg_k_ref[...][:, None] if cfg.has_segments else None
 
   def q_body(qb, carry, *, j, causal):
     dk, dv = carry
     q_start = qb * bqc
-    q = q_ref[pl.ds(q_start, bqc), j, :]           # [bqc, D]
-    do = do_ref[pl.ds(q_start, bqc), j, :]
-    lse = lse_ref[j, pl.ds(q_start, bqc)]          # [bqc]
-    delta = delta_ref[j, pl.ds(q_start, bqc)]
-    st = _dot(k, q, trans_b=True) * scale          # s^T: [bkv, bqc]
-    q_pos = q_start + lax.broadcasted_iota(jnp.int32, (1, bqc), 1)
-    q_seg = (seg_q_ref[pl.ds(q_start, bqc)][None, :]
-             if cfg.has_segments else None)
-    # _mask_block expects (q_pos, k_pos) orientation; pass transposed vectors.
-    st = _mask_block(cfg, st, q_pos, k_pos, q_seg, k_seg, causal=causal)
-    pt = jnp.exp2(st - lse[None, :])               # p^T
-    dv = dv + _dot(pt.astype(do.dtype), do)
-    dpt = _dot(v, do, trans_b=True)                # (do v^T)^T
-    dst = pt * (dpt - delta[None, :])
-    dk = dk + _dot(dst.astype(q.dtype), q)
+    rows = pl.ds(q_start, bqc)
+    if tpu:
+      q, do = q_ref[j, rows, :], do_ref[j, rows, :]  # [bqc, D]
+      lse, delta = lse_ref[j, rows, 0:1], delta_ref[j, rows, 0:1]  # [bqc, 1]
+      s = _dot(q, k, trans_b=True) * scale         # [bqc, bkv]
+      q_pos = q_start + lax.broadcasted_iota(jnp.int32, (bqc, 1), 0)
+      q_seg = _col(seg_q_ref, rows, True) if cfg.has_segments else None
+    else:
+      q, do = q_ref[rows, j, :], do_ref[rows, j, :]
+      lse, delta = lse_ref[j, rows][None, :], delta_ref[j, rows][None, :]
+      s = _dot(k, q, trans_b=True) * scale         # s^T: [bkv, bqc]
+      q_pos = q_start + lax.broadcasted_iota(jnp.int32, (1, bqc), 1)
+      q_seg = seg_q_ref[rows][None, :] if cfg.has_segments else None
+    # Broadcasting makes _mask_block orientation-agnostic.
+    s = _mask_block(cfg, s, q_pos, k_pos, q_seg, k_seg, causal=causal)
+    p = jnp.exp2(s - lse)
+    dot = _dot_tn if tpu else _dot                 # p^T @ do either way
+    dv = dv + dot(p.astype(do.dtype), do)
+    dp = _dot(do, v, trans_b=True) if tpu else _dot(v, do, trans_b=True)
+    ds = p * (dp - delta)
+    dk = dk + dot(ds.astype(q.dtype), q)
     return dk, dv
 
   def head_body(j, carry):
     if cfg.causal:
       lo = lax.div(k_start, bqc)
       # Query chunks starting at/after the last key of the tile see it all.
-      full = jnp.minimum(lax.div(k_start + bkv - 1 + bqc - 1, bqc),
-                         num_q_blocks)
-      carry = lax.fori_loop(
-          lo, full, functools.partial(q_body, j=j, causal=True), carry)
-      carry = lax.fori_loop(
-          full, num_q_blocks, functools.partial(q_body, j=j, causal=False),
-          carry)
-    else:
-      carry = lax.fori_loop(
-          0, num_q_blocks, functools.partial(q_body, j=j, causal=False), carry)
-    return carry
-
-  carry = (jnp.zeros((bkv, d), jnp.float32), jnp.zeros((bkv, d), jnp.float32))
-  dk, dv = lax.fori_loop(0, cfg.groups, head_body, carry)
-  dk_ref[...] = (dk * cfg.sm_scale).astype(dk_ref.dtype)
-  dv_ref[...] = dv.astype(dv_ref.dtype)
-
-
-def _dkdv_kernel_tpu(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_q_ref,
-                     seg_k_ref, dk_ref, dv_ref, *, cfg: _Config,
-                     num_q_blocks: int):
-  """_dkdv_kernel in the TPU layout: q/do blocks [G, S, D], lse/delta
-  [G, S, 128]; works on s = q k^T so row statistics stay columns."""
-  bkv, bqc = cfg.block_q, cfg.block_bwd
-  kb = pl.program_id(0)
-  k_start = kb * bkv
-  k = k_ref[...]                                   # [bkv, D]
-  v = v_ref[...]
-  d = k.shape[-1]
-  scale = cfg.sm_scale * _LOG2E
-  k_pos = k_start + lax.broadcasted_iota(jnp.int32, (1, bkv), 1)
-  k_seg = _row(seg_k_ref, slice(None), True) if cfg.has_segments else None
-
-  def q_body(qb, carry, *, j, causal):
-    dk, dv = carry
-    q_start = qb * bqc
-    rows = pl.ds(q_start, bqc)
-    q = q_ref[j, rows, :]                          # [bqc, D]
-    do = do_ref[j, rows, :]
-    lse = lse_ref[j, rows, 0:1]                    # [bqc, 1]
-    delta = delta_ref[j, rows, 0:1]
-    s = _dot(q, k, trans_b=True) * scale           # [bqc, bkv]
-    q_pos = q_start + lax.broadcasted_iota(jnp.int32, (bqc, 1), 0)
-    q_seg = _col(seg_q_ref, rows, True) if cfg.has_segments else None
-    s = _mask_block(cfg, s, q_pos, k_pos, q_seg, k_seg, causal=causal)
-    p = jnp.exp2(s - lse)
-    dv = dv + _dot_tn(p.astype(do.dtype), do)      # p^T do: [bkv, D]
-    dp = _dot(do, v, trans_b=True)                 # [bqc, bkv]
-    ds = p * (dp - delta)
-    dk = dk + _dot_tn(ds.astype(q.dtype), q)
-    return dk, dv
-
-  def head_body(j, carry):
-    if cfg.causal:
-      lo = lax.div(k_start, bqc)
       full = jnp.minimum(lax.div(k_start + bkv - 1 + bqc - 1, bqc),
                          num_q_blocks)
       carry = lax.fori_loop(
