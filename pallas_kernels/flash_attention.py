@@ -245,137 +245,105 @@ def _q_block_index(cfg: _Config, num_q_blocks: int):
   return lambda i: i
 
 
-def _fwd_call(q, k, v, seg, cfg: _Config):
+class _Specs:
+  """BlockSpecs of one layout for grids (block index, batch, head).
+
+  GPU: q/k/v ``[B, S, H, D]``, row statistics ``[B, H, S]``, segment ids
+  ``[B, S]``. TPU: q/k/v ``[B, H, S, D]``, row statistics ``[B, H, S, 128]``,
+  segment ids as a ``[B, S, 128]`` column copy and a ``[B, 8, S]`` row copy.
+  Methods take the block length and the map from grid index to block index;
+  `head` maps the grid's head index to the array's (e.g. h -> h // groups).
+  """
+
+  def __init__(self, cfg: _Config, d: int):
+    self.tpu, self.d = cfg.tpu, d
+
+  def tile(self, n, blk, head=lambda h: h):
+    if self.tpu:
+      return pl.BlockSpec((None, None, n, self.d),
+                          lambda i, b, h: (b, head(h), blk(i), 0))
+    return pl.BlockSpec((None, n, None, self.d),
+                        lambda i, b, h: (b, blk(i), head(h), 0))
+
+  def group(self, g, s):
+    """All g query heads of kv head h, whole sequence (the dK/dV kernel)."""
+    if self.tpu:
+      return pl.BlockSpec((None, g, s, self.d), lambda i, b, h: (b, h, 0, 0))
+    return pl.BlockSpec((None, s, g, self.d), lambda i, b, h: (b, 0, h, 0))
+
+  def rows(self, n, blk):
+    if self.tpu:
+      return pl.BlockSpec((None, None, n, _LANES),
+                          lambda i, b, h: (b, h, blk(i), 0))
+    return pl.BlockSpec((None, None, n), lambda i, b, h: (b, h, blk(i)))
+
+  def group_rows(self, g, s):
+    if self.tpu:
+      return pl.BlockSpec((None, g, s, _LANES), lambda i, b, h: (b, h, 0, 0))
+    return pl.BlockSpec((None, g, s), lambda i, b, h: (b, h, 0))
+
+  def rows_shape(self, batch, heads, s):
+    return (batch, heads, s, _LANES) if self.tpu else (batch, heads, s)
+
+  def seg_col(self, n, blk):
+    if self.tpu:
+      return pl.BlockSpec((None, n, _LANES), lambda i, b, h: (b, blk(i), 0))
+    return pl.BlockSpec((None, n), lambda i, b, h: (b, blk(i)))
+
+  def seg_row(self, n, blk):
+    if self.tpu:
+      return pl.BlockSpec((None, _SUBLANES, n), lambda i, b, h: (b, 0, blk(i)))
+    return pl.BlockSpec((None, n), lambda i, b, h: (b, blk(i)))
+
+  def params(self, num_warps, num_stages):
+    return _tpu_params(3) if self.tpu else _compiler_params(num_warps,
+                                                             num_stages)
+
+
+def _dims(q, k, cfg: _Config):
+  """(batch, seq_q, heads, head_dim, seq_k, kv_heads) of either layout."""
   if cfg.tpu:
-    return _fwd_call_tpu(q, k, v, seg, cfg)
-  batch, sq, heads, d = q.shape
-  sk = k.shape[1]
+    (batch, heads, sq, d), (kv_heads, sk) = q.shape, k.shape[1:3]
+  else:
+    (batch, sq, heads, d), (sk, kv_heads) = q.shape, k.shape[1:3]
+  return batch, sq, heads, d, sk, kv_heads
+
+
+def _seg_args(seg, cfg: _Config):
+  """(column source, row source) of the segment ids: both the same array on
+  GPU, the two copies on TPU; (None, None) without segments."""
+  if seg is None:
+    return (None, None)
+  return seg if cfg.tpu else (seg, seg)
+
+
+def _fwd_call(q, k, v, seg, cfg: _Config):
+  batch, sq, heads, d, sk, _ = _dims(q, k, cfg)
   bq, bk, g = cfg.block_q, cfg.block_k, cfg.groups
   nq, nk = sq // bq, sk // bk
   qidx = _q_block_index(cfg, nq)
-  kernel = functools.partial(_fwd_kernel, cfg=cfg, num_q_blocks=nq,
-                             num_k_blocks=nk)
-  in_specs = [
-      pl.BlockSpec((None, bq, None, d), lambda i, b, h: (b, qidx(i), h, 0)),
-      pl.BlockSpec((None, sk, None, d),
-                   lambda i, b, h: (b, 0, lax.div(h, g), 0)),
-      pl.BlockSpec((None, sk, None, d),
-                   lambda i, b, h: (b, 0, lax.div(h, g), 0)),
-  ]
-  if cfg.has_segments:
-    in_specs += [pl.BlockSpec((None, bq), lambda i, b, h: (b, qidx(i))),
-                 pl.BlockSpec((None, sk), lambda i, b, h: (b, 0))]
-    seg_args = (seg, seg)
-  else:
-    in_specs += [None, None]
-    seg_args = (None, None)
-  num_warps = cfg.num_warps or (4 if d <= 64 else 8)
+  sp = _Specs(cfg, d)
+  whole = lambda i: 0
+  seg_specs = ([sp.seg_col(bq, qidx), sp.seg_row(sk, whole)]
+               if cfg.has_segments else [None, None])
   out, lse = pl.pallas_call(
-      kernel,
+      functools.partial(_fwd_kernel, cfg=cfg, num_q_blocks=nq,
+                        num_k_blocks=nk),
       grid=(nq, batch, heads),
-      in_specs=in_specs,
-      out_specs=[
-          pl.BlockSpec((None, bq, None, d), lambda i, b, h: (b, qidx(i), h, 0)),
-          pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, qidx(i))),
-      ],
-      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
-                 jax.ShapeDtypeStruct((batch, heads, sq), jnp.float32)],
-      compiler_params=_compiler_params(num_warps, cfg.num_stages or 3),
-      interpret=cfg.interpret,
-      name="flash_attention_fwd",
-  )(q, k, v, *seg_args)
-  return out, lse
-
-
-def _fwd_call_tpu(q, k, v, seg, cfg: _Config):
-  """q/k/v ``[batch, heads, seq, head_dim]``; seg (column, row) copies."""
-  batch, heads, sq, d = q.shape
-  sk = k.shape[2]
-  bq, g = cfg.block_q, cfg.groups
-  nq, nk = sq // bq, sk // cfg.block_k
-  qidx = _q_block_index(cfg, nq)
-  kernel = functools.partial(_fwd_kernel, cfg=cfg, num_q_blocks=nq,
-                             num_k_blocks=nk)
-  q_spec = pl.BlockSpec((None, None, bq, d), lambda i, b, h: (b, h, qidx(i), 0))
-  kv_spec = pl.BlockSpec((None, None, sk, d),
-                         lambda i, b, h: (b, lax.div(h, g), 0, 0))
-  seg_specs, seg_args = [None, None], (None, None)
-  if cfg.has_segments:
-    seg_specs = [pl.BlockSpec((None, bq, _LANES), lambda i, b, h: (b, qidx(i), 0)),
-                 pl.BlockSpec((None, _SUBLANES, sk), lambda i, b, h: (b, 0, 0))]
-    seg_args = seg
-  out, lse = pl.pallas_call(
-      kernel,
-      grid=(nq, batch, heads),
-      in_specs=[q_spec, kv_spec, kv_spec, *seg_specs],
-      out_specs=[
-          q_spec,
-          pl.BlockSpec((None, None, bq, _LANES),
-                       lambda i, b, h: (b, h, qidx(i), 0)),
-      ],
-      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
-                 jax.ShapeDtypeStruct((batch, heads, sq, _LANES), jnp.float32)],
-      compiler_params=_tpu_params(3),
-      interpret=cfg.interpret,
-      name="flash_attention_fwd",
-  )(q, k, v, *seg_args)
-  return out, lse
-
-
-def _bwd_call_tpu(q, k, v, seg, out, lse, do, cfg: _Config):
-  """The backward kernels in the TPU layout (see _fwd_call_tpu)."""
-  batch, heads, sq, d = q.shape
-  kv_heads, sk = k.shape[1], k.shape[2]
-  bq, bk, g = cfg.block_q, cfg.block_bwd, cfg.groups
-  delta = jnp.einsum("bhsd,bhsd->bhs", out.astype(jnp.float32),
-                     do.astype(jnp.float32))
-  delta = jnp.broadcast_to(delta[..., None], delta.shape + (_LANES,))
-
-  nkv, nqc = sk // bq, sq // bk
-  seg_specs, seg_args = [None, None], (None, None)
-  if cfg.has_segments:
-    seg_specs = [pl.BlockSpec((None, sq, _LANES), lambda i, b, h: (b, 0, 0)),
-                 pl.BlockSpec((None, _SUBLANES, bq), lambda i, b, h: (b, 0, i))]
-    seg_args = seg
-  group_spec = pl.BlockSpec((None, g, sq, d), lambda i, b, h: (b, h, 0, 0))
-  group_row_spec = pl.BlockSpec((None, g, sq, _LANES),
-                                lambda i, b, h: (b, h, 0, 0))
-  tile_spec = pl.BlockSpec((None, None, bq, d), lambda i, b, h: (b, h, i, 0))
-  dk, dv = pl.pallas_call(
-      functools.partial(_dkdv_kernel, cfg=cfg, num_q_blocks=nqc),
-      grid=(nkv, batch, kv_heads),
-      in_specs=[group_spec, tile_spec, tile_spec, group_spec, group_row_spec,
-                group_row_spec, *seg_specs],
-      out_specs=[tile_spec, tile_spec],
-      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype),
-                 jax.ShapeDtypeStruct(v.shape, v.dtype)],
-      compiler_params=_tpu_params(3),
-      interpret=cfg.interpret,
-      name="flash_attention_bwd_dkdv",
-  )(q, k, v, do, lse, delta, *seg_args)
-
-  nq, nk = sq // bq, sk // bk
-  qidx = _q_block_index(cfg, nq)
-  if cfg.has_segments:
-    seg_specs = [pl.BlockSpec((None, bq, _LANES), lambda i, b, h: (b, qidx(i), 0)),
-                 pl.BlockSpec((None, _SUBLANES, sk), lambda i, b, h: (b, 0, 0))]
-  q_spec = pl.BlockSpec((None, None, bq, d), lambda i, b, h: (b, h, qidx(i), 0))
-  kv_spec = pl.BlockSpec((None, None, sk, d),
-                         lambda i, b, h: (b, lax.div(h, g), 0, 0))
-  row_spec = pl.BlockSpec((None, None, bq, _LANES),
-                          lambda i, b, h: (b, h, qidx(i), 0))
-  dq = pl.pallas_call(
-      functools.partial(_dq_kernel, cfg=cfg, num_q_blocks=nq, num_k_blocks=nk),
-      grid=(nq, batch, heads),
-      in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec,
+      in_specs=[sp.tile(bq, qidx),
+                sp.tile(sk, whole, head=lambda h: lax.div(h, g)),
+                sp.tile(sk, whole, head=lambda h: lax.div(h, g)),
                 *seg_specs],
-      out_specs=q_spec,
-      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      compiler_params=_tpu_params(3),
+      out_specs=[sp.tile(bq, qidx), sp.rows(bq, qidx)],
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+                 jax.ShapeDtypeStruct(sp.rows_shape(batch, heads, sq),
+                                      jnp.float32)],
+      compiler_params=sp.params(cfg.num_warps or (4 if d <= 64 else 8),
+                                cfg.num_stages or 3),
       interpret=cfg.interpret,
-      name="flash_attention_bwd_dq",
-  )(q, k, v, do, lse, delta, *seg_args)
-  return dq, dk, dv
+      name="flash_attention_fwd",
+  )(q, k, v, *_seg_args(seg, cfg))
+  return out, lse
 
 
 # ----------------------------------------------------------------------------
@@ -495,40 +463,30 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_q_ref,
 
 
 def _bwd_call(q, k, v, seg, out, lse, do, cfg: _Config):
-  if cfg.tpu:
-    return _bwd_call_tpu(q, k, v, seg, out, lse, do, cfg)
-  batch, sq, heads, d = q.shape
-  sk, kv_heads = k.shape[1], k.shape[2]
+  batch, sq, heads, d, sk, kv_heads = _dims(q, k, cfg)
   bq, bk, g = cfg.block_q, cfg.block_bwd, cfg.groups
   # delta_i = sum_d o_id * do_id  (FA-2 preprocessing; XLA fuses this).
-  delta = jnp.einsum("bshd,bshd->bhs", out.astype(jnp.float32),
-                     do.astype(jnp.float32))
-  num_warps = cfg.num_warps or (4 if d <= 64 else 8)
-  params = _compiler_params(num_warps, cfg.num_stages or 2)
+  delta = jnp.einsum("bhsd,bhsd->bhs" if cfg.tpu else "bshd,bshd->bhs",
+                     out.astype(jnp.float32), do.astype(jnp.float32))
+  if cfg.tpu:
+    delta = jnp.broadcast_to(delta[..., None], delta.shape + (_LANES,))
+  sp = _Specs(cfg, d)
+  params = sp.params(cfg.num_warps or (4 if d <= 64 else 8),
+                     cfg.num_stages or 2)
+  seg_args = _seg_args(seg, cfg)
+  whole, ident = (lambda i: 0), (lambda i: i)
 
   # dK / dV: grid over key tiles of size block_q, query chunks of block_bwd.
   nkv, nqc = sk // bq, sq // bk
-  seg_specs, seg_args = [None, None], (None, None)
-  if cfg.has_segments:
-    seg_specs = [pl.BlockSpec((None, sq), lambda i, b, h: (b, 0)),
-                 pl.BlockSpec((None, bq), lambda i, b, h: (b, i))]
-    seg_args = (seg, seg)
+  seg_specs = ([sp.seg_col(sq, whole), sp.seg_row(bq, ident)]
+               if cfg.has_segments else [None, None])
   dk, dv = pl.pallas_call(
       functools.partial(_dkdv_kernel, cfg=cfg, num_q_blocks=nqc),
       grid=(nkv, batch, kv_heads),
-      in_specs=[
-          pl.BlockSpec((None, sq, g, d), lambda i, b, h: (b, 0, h, 0)),   # q
-          pl.BlockSpec((None, bq, None, d), lambda i, b, h: (b, i, h, 0)),  # k
-          pl.BlockSpec((None, bq, None, d), lambda i, b, h: (b, i, h, 0)),  # v
-          pl.BlockSpec((None, sq, g, d), lambda i, b, h: (b, 0, h, 0)),   # do
-          pl.BlockSpec((None, g, sq), lambda i, b, h: (b, h, 0)),         # lse
-          pl.BlockSpec((None, g, sq), lambda i, b, h: (b, h, 0)),       # delta
-          *seg_specs,
-      ],
-      out_specs=[
-          pl.BlockSpec((None, bq, None, d), lambda i, b, h: (b, i, h, 0)),
-          pl.BlockSpec((None, bq, None, d), lambda i, b, h: (b, i, h, 0)),
-      ],
+      in_specs=[sp.group(g, sq), sp.tile(bq, ident), sp.tile(bq, ident),
+                sp.group(g, sq), sp.group_rows(g, sq), sp.group_rows(g, sq),
+                *seg_specs],
+      out_specs=[sp.tile(bq, ident), sp.tile(bq, ident)],
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype),
                  jax.ShapeDtypeStruct(v.shape, v.dtype)],
       compiler_params=params,
@@ -539,19 +497,15 @@ def _bwd_call(q, k, v, seg, out, lse, do, cfg: _Config):
   # dQ: grid over query tiles of size block_q, key chunks of block_bwd.
   nq, nk = sq // bq, sk // bk
   qidx = _q_block_index(cfg, nq)
-  if cfg.has_segments:
-    seg_specs = [pl.BlockSpec((None, bq), lambda i, b, h: (b, qidx(i))),
-                 pl.BlockSpec((None, sk), lambda i, b, h: (b, 0))]
-  q_spec = pl.BlockSpec((None, bq, None, d), lambda i, b, h: (b, qidx(i), h, 0))
-  kv_spec = pl.BlockSpec((None, sk, None, d),
-                         lambda i, b, h: (b, 0, lax.div(h, g), 0))
-  row_spec = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, qidx(i)))
+  seg_specs = ([sp.seg_col(bq, qidx), sp.seg_row(sk, whole)]
+               if cfg.has_segments else [None, None])
+  kv_spec = sp.tile(sk, whole, head=lambda h: lax.div(h, g))
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, cfg=cfg, num_q_blocks=nq, num_k_blocks=nk),
       grid=(nq, batch, heads),
-      in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec,
-                *seg_specs],
-      out_specs=q_spec,
+      in_specs=[sp.tile(bq, qidx), kv_spec, kv_spec, sp.tile(bq, qidx),
+                sp.rows(bq, qidx), sp.rows(bq, qidx), *seg_specs],
+      out_specs=sp.tile(bq, qidx),
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       compiler_params=params,
       interpret=cfg.interpret,

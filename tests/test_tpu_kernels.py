@@ -96,3 +96,15 @@ def test_backend_names_checked():
   with pytest.raises(ValueError, match="block_q must be a multiple of 128"):
     flash_attention(y, y, y, segment_ids=jnp.zeros((1, 300), jnp.int32),
                     block_q=64, backend="mosaic_tpu", interpret=True)
+
+
+@pytest.mark.parametrize("has_q", [True, False])
+def test_verify_lowers_to_mosaic_tpu(has_q):
+  from pallas_kernels.verify import verify  # pylint: disable=g-import-not-at-top
+  b, k, vocab = 8, 4, 32000
+  p = jax.ShapeDtypeStruct((b, k + 1, vocab), jnp.float32)
+  q = jax.ShapeDtypeStruct((b, k, vocab), jnp.float32) if has_q else None
+  toks = jax.ShapeDtypeStruct((b, k), jnp.int32)
+  u = jax.ShapeDtypeStruct((b, k), jnp.float32)
+  assert _tpu_kernels(lambda p, q, t, u, e: verify(p, q, t, u, e),
+                      p, q, toks, u, p) == 1
