@@ -117,7 +117,8 @@ def main():
             toks, lens = pad_prompts(prompts[:batch])
             common = dict(config=config, max_new_tokens=args.new_tokens, eos_ids=[])
             t_plain, plain = timed(lambda: generate(params, toks, lens, **common), args.repeats)
-            for drafter, kw in (("model", draft_kw), ("ngram", dict(draft="ngram")), ("trigram", dict(draft="trigram"))):
+            for drafter, kw in (("model", draft_kw), ("ngram", dict(draft="ngram")), ("trigram", dict(draft="trigram")),
+                                ("aded", dict(draft="aded"))):
                 if kw is None:
                     continue
                 t_spec, spec = timed(lambda: speculative_generate(params, toks, lens, num_draft=args.num_draft,

@@ -27,7 +27,8 @@ def setup():
     return params, toks, lens, plain
 
 
-@pytest.mark.parametrize("draft,k", [("perfect", 3), ("poor", 2), ("poor", 4), ("ngram", 3), ("trigram", 3)])
+@pytest.mark.parametrize("draft,k", [("perfect", 3), ("poor", 2), ("poor", 4), ("ngram", 3), ("trigram", 3),
+                                     ("aded", 4)])
 def test_greedy_speculative_equals_plain_greedy(setup, draft, k):
     params, toks, lens, plain = setup
     kw = {}
@@ -55,6 +56,50 @@ def test_trigram_table_follows_the_latest_continuation_and_chains():
     assert drafts.tolist() == [[4, 1, 1]]
 
 
+def test_aded_table_counts_and_puct_choice():
+    """The ADED table against a plain-Python trigram count and PUCT score."""
+    from jaxar.decode.speculative import ADED_C_PUCT, AdedTable
+
+    rng = np.random.default_rng(0)
+    seq = np.concatenate([rng.integers(0, 5, (2, 40)), np.zeros((2, 4), int)], axis=1)
+    lens = np.array([40, 27])
+    table = AdedTable.empty(2, size=97, candidates=8).observe(seq, np.array([2, 2]), lens - 2, 38)
+    drafts, (ctx, slots) = table.drafts(seq, lens, k=1)
+    for row in range(2):
+        s = seq[row, :lens[row]].tolist()
+        counts = {}
+        for i in range(2, len(s)):
+            counts.setdefault((s[i - 2], s[i - 1]), {}).setdefault(s[i], 0)
+            counts[(s[i - 2], s[i - 1])][s[i]] += 1
+        follow = counts.get((s[-2], s[-1]))
+        if follow is None:
+            continue
+        # untried continuations: PUCT reduces to the count prior -> the most frequent (first slot on ties)
+        assert drafts[row, 0] in [t for t, c in follow.items() if c == max(follow.values())]
+        h = int(ctx[row, 0])
+        got = {int(t): float(c) for t, c in zip(np.asarray(table.tok[row, h]), np.asarray(table.cnt[row, h]))
+               if t >= 0}
+        assert got == {t: float(c) for t, c in follow.items()}  # no other context hashed here in this test
+    # Feedback: a rejected first draft is demoted below an accepted alternative.
+    row = 0
+    h, slot = int(ctx[row, 0]), int(slots[row, 0])
+    n_acc = np.array([0, 0])
+    t2 = table
+    for _ in range(3):
+        t2 = t2.feedback((ctx, slots), n_acc, np.array([True, False]))
+    vis, acc = np.asarray(t2.vis[row, h]), np.asarray(t2.acc[row, h])
+    assert vis[slot] == 3 and acc[slot] == 0 and vis.sum() == 3
+    cnt = np.asarray(t2.cnt[row, h])
+    tok = np.asarray(t2.tok[row, h])
+    prior = cnt / cnt.sum()
+    score = np.where(vis > 0, acc / np.maximum(vis, 1), 0) + ADED_C_PUCT * prior * np.sqrt(1 + vis.sum()) / (1 + vis)
+    score = np.where(tok >= 0, score, -np.inf)
+    new = np.asarray(t2.drafts(seq, lens, k=1)[0])
+    assert new[row, 0] == tok[np.argmax(score)]
+    if (tok >= 0).sum() > 1:
+        assert new[row, 0] != drafts[row, 0]
+
+
 def test_ngram_drafts_copy_the_continuation_of_the_latest_match():
     seq = np.array([[5, 6, 7, 8, 5, 6, 9, 5, 6, 0, 0, 0]])
     drafts = ngram_drafts(seq, np.array([9]), k=3, n=2)
@@ -64,7 +109,7 @@ def test_ngram_drafts_copy_the_continuation_of_the_latest_match():
     assert none.tolist() == [[3, 3]]
 
 
-@pytest.mark.parametrize("draft", ["model", "ngram", "trigram"])
+@pytest.mark.parametrize("draft", ["model", "ngram", "trigram", "aded"])
 def test_sampling_draws_from_the_target_distribution(draft):
     """chi-squared on the first two sampled tokens (36 cells) against the exact
     target distribution p(t1) p(t2 | t1), with a poor draft model or n-gram drafts."""

@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--num-beams", type=int, default=1)
     p.add_argument("--draft", help="speculative decoding: a draft model directory, 'ngram' (prompt lookup) "
-                   "or 'trigram' (adaptive trigram table)")
+                   "'trigram' (latest-continuation trigram table) or 'aded' (ADED: trigram counts + PUCT draft search)")
     p.add_argument("--num-draft", type=int, default=4, help="draft tokens per speculative round")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     p.add_argument("--output", help="output JSONL (default: stdout)")
@@ -151,7 +151,7 @@ def _generate_all(args, rows, stdout) -> int:
     config, params = _load_model(args.model, args.dtype)
     tokenizer = _load_tokenizer(args.model)
     draft_kw = None
-    if args.draft in ("ngram", "trigram"):
+    if args.draft in ("ngram", "trigram", "aded"):
         draft_kw = dict(draft=args.draft)
     elif args.draft:
         draft_config, draft_params = _load_model(args.draft, args.dtype)

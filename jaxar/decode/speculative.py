@@ -52,7 +52,12 @@ def speculative_generate(params, prompts, lengths, *, config: ModelConfig, max_n
     the min(1, p/q) test. draft="ngram": prompt lookup, the continuation of the
     latest earlier occurrence of the last `ngram` tokens (prompt and output);
     a deterministic draft, accepted with probability p(x). draft="trigram": the
-    adaptive trigram table of `trigram_drafts` (ADED-style), also deterministic.
+    latest-continuation trigram table of `trigram_drafts`, also deterministic.
+    draft="aded": ADED's trigram matrix (continuation counts, updated with every
+    emitted token) with a PUCT draft maker that balances exploiting frequent
+    continuations against exploring rarely tried ones, learning from which
+    drafts the target accepted (`AdedTable`); deterministic given the past, so
+    acceptance is the same exact rule.
 
     verify_backend: "jnp" (acceptance.py) or "pallas" (the fused
     pallas_kernels.verify kernel; interpret mode on CPU). Both consume the same
@@ -71,10 +76,8 @@ def speculative_generate(params, prompts, lengths, *, config: ModelConfig, max_n
         if draft_config.vocab_size != config.vocab_size:
             raise ValueError(f"draft vocab_size {draft_config.vocab_size} != target vocab_size {config.vocab_size}; "
                              "the draft must share the target's tokenizer")
-    elif draft == "trigram":
-        ngram = 0  # the adaptive trigram table
-    elif draft != "ngram":
-        raise ValueError(f"draft must be 'model', 'ngram' or 'trigram', got {draft!r}")
+    elif draft not in ("ngram", "trigram", "aded"):
+        raise ValueError(f"draft must be 'model', 'ngram', 'trigram' or 'aded', got {draft!r}")
     prompts = jnp.asarray(prompts, jnp.int32)
     lengths = jnp.asarray(lengths, jnp.int32)
     eos_ids = tuple(config.eos_token_id or ()) if eos_ids is None else tuple(int(e) for e in eos_ids)
@@ -83,6 +86,7 @@ def speculative_generate(params, prompts, lengths, *, config: ModelConfig, max_n
     cache_len = _bucket(buf_len)
     return _speculative(params, draft_params, prompts, lengths, jnp.asarray(seed, jnp.uint32), config=config,
                         draft_config=draft_config if draft == "model" else None, k=num_draft, ngram=ngram,
+                        drafter=draft,
                         sampling=sampling, max_new=max_new_tokens, cache_len=cache_len, buf_len=buf_len,
                         eos_ids=eos_ids, pad_id=pad_id, verify_backend=verify_backend)
 
@@ -114,6 +118,110 @@ def trigram_drafts(seq, seq_len, k: int, table_size: int = 4096):
     return jnp.stack(drafts, axis=1)
 
 
+ADED_TABLE_SIZE = 4096  # hashed (a, b) contexts per row
+ADED_CANDIDATES = 4     # continuations kept per context (the least counted is replaced)
+ADED_C_PUCT = 1.0       # exploration weight of the PUCT score
+
+
+@jax.tree_util.register_pytree_node_class
+class AdedTable:
+    """ADED's draft maker (Liu et al., 2024, "Adaptive Draft-Verification"):
+    a per-row trigram matrix approximating the target's next-token
+    distribution, and search statistics over the drafts it proposed.
+
+    tok / cnt [B, contexts, C]: for a hashed context (a, b), up to C
+    continuations and how often each followed (a, b) in the prompt and output
+    (every emitted token is observed, so the counts track the target's own
+    text). vis / acc: how often a continuation was proposed as a draft, and
+    how often the target accepted it. A draft position picks, among the
+    context's candidates, the PUCT maximiser
+        Q + c * P * sqrt(1 + sum vis) / (1 + vis),
+    Q = acc / vis (0 when untried), P = cnt / sum cnt: frequent continuations
+    are exploited, rarely tried ones explored, and rejected ones demoted.
+    """
+
+    def __init__(self, tok, cnt, vis, acc):
+        self.tok, self.cnt, self.vis, self.acc = tok, cnt, vis, acc
+
+    def tree_flatten(self):
+        return (self.tok, self.cnt, self.vis, self.acc), None
+
+    @classmethod
+    def tree_unflatten(cls, _, leaves):
+        return cls(*leaves)
+
+    @classmethod
+    def empty(cls, batch: int, size: int = ADED_TABLE_SIZE, candidates: int = ADED_CANDIDATES):
+        shape = (batch, size, candidates)
+        zeros = jnp.zeros(shape, jnp.float32)
+        return cls(jnp.full(shape, -1, jnp.int32), zeros, zeros, zeros)
+
+    def _context(self, a, b):
+        return _pair_hash(a, b, self.tok.shape[1])
+
+    def insert(self, a, b, x, valid):
+        """Count x after (a, b) in each row where `valid` ([B] each)."""
+        rows = jnp.arange(x.shape[0])
+        h = self._context(a, b)
+        tok, cnt = self.tok[rows, h], self.cnt[rows, h]  # [B, C]
+        hit = tok == x[:, None]
+        found = jnp.any(hit, axis=1)
+        # a new continuation replaces the least counted (empty slots count 0)
+        slot = jnp.where(found, jnp.argmax(hit, axis=1), jnp.argmin(jnp.where(tok < 0, -1.0, cnt), axis=1))
+        fresh = valid & ~found
+        upd = lambda arr, v: arr.at[rows, h, slot].set(jnp.where(valid, v, arr[rows, h, slot]))
+        return AdedTable(upd(self.tok, x),
+                         upd(self.cnt, jnp.where(fresh, 1.0, cnt[rows, slot] + 1.0)),
+                         upd(self.vis, jnp.where(fresh, 0.0, self.vis[rows, h, slot])),
+                         upd(self.acc, jnp.where(fresh, 0.0, self.acc[rows, h, slot])))
+
+    def observe(self, seq, start, count, max_count: int):
+        """Insert the trigrams ending at positions start .. start+count-1 of each row."""
+        def body(i, table):
+            pos = start + i
+            at = lambda p: jnp.take_along_axis(seq, jnp.clip(p, 0, seq.shape[1] - 1)[:, None], axis=1)[:, 0]
+            return table.insert(at(pos - 2), at(pos - 1), at(pos), (i < count) & (pos >= 2))
+        return jax.lax.fori_loop(0, max(int(max_count), 0), body, self)
+
+    def drafts(self, seq, seq_len, k: int, c_puct: float = ADED_C_PUCT):
+        """[B, k] drafts chained through the table by PUCT, and the (context,
+        slot) each came from (slot -1: an unseen context, prompt lookup used)."""
+        rows = jnp.arange(seq.shape[0])
+        fallback = ngram_drafts(seq, seq_len, k, 2)
+        x = jnp.take_along_axis(seq, jnp.maximum(seq_len - 2, 0)[:, None], axis=1)[:, 0]
+        y = jnp.take_along_axis(seq, (seq_len - 1)[:, None], axis=1)[:, 0]
+        out, ctx, slots = [], [], []
+        for i in range(k):
+            h = self._context(x, y)
+            tok, cnt, vis, acc = self.tok[rows, h], self.cnt[rows, h], self.vis[rows, h], self.acc[rows, h]
+            prior = cnt / jnp.maximum(jnp.sum(cnt, axis=1, keepdims=True), 1.0)
+            value = jnp.where(vis > 0, acc / jnp.maximum(vis, 1.0), 0.0)
+            explore = c_puct * prior * jnp.sqrt(1.0 + jnp.sum(vis, axis=1, keepdims=True)) / (1.0 + vis)
+            score = jnp.where(tok >= 0, value + explore, -jnp.inf)
+            slot = jnp.argmax(score, axis=1)
+            seen = jnp.any(tok >= 0, axis=1)
+            c = jnp.where(seen, tok[rows, slot], fallback[:, i])
+            out.append(c)
+            ctx.append(h)
+            slots.append(jnp.where(seen, slot, -1))
+            x, y = y, c
+        return jnp.stack(out, 1), (jnp.stack(ctx, 1), jnp.stack(slots, 1))
+
+    def feedback(self, slots, n_acc, active):
+        """Draft i was tried when i <= n_acc and accepted when i < n_acc."""
+        ctx, slot = slots
+        rows = jnp.arange(ctx.shape[0])
+        vis, acc = self.vis, self.acc
+        for i in range(ctx.shape[1]):
+            ok = active & (slot[:, i] >= 0)
+            s = jnp.maximum(slot[:, i], 0)
+            tried = (ok & (i <= n_acc)).astype(jnp.float32)
+            took = (ok & (i < n_acc)).astype(jnp.float32)
+            vis = vis.at[rows, ctx[:, i], s].add(tried)
+            acc = acc.at[rows, ctx[:, i], s].add(took)
+        return AdedTable(self.tok, self.cnt, vis, acc)
+
+
 def _pair_hash(a, b, size):
     a, b = a.astype(jnp.uint32), b.astype(jnp.uint32)
     return ((a * jnp.uint32(1000003) + b * jnp.uint32(7919)) % jnp.uint32(size)).astype(jnp.int32)
@@ -142,11 +250,11 @@ def ngram_drafts(seq, seq_len, k: int, n: int):
     return jnp.where(found[:, None], drafts, last)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "draft_config", "k", "ngram", "sampling", "max_new",
-                                             "cache_len", "buf_len", "eos_ids", "pad_id",
+@functools.partial(jax.jit, static_argnames=("config", "draft_config", "k", "ngram", "drafter", "sampling",
+                                             "max_new", "cache_len", "buf_len", "eos_ids", "pad_id",
                                              "verify_backend"))
-def _speculative(params, draft_params, prompts, lengths, seed, *, config, draft_config, k, ngram, sampling, max_new,
-                 cache_len, buf_len, eos_ids, pad_id, verify_backend):
+def _speculative(params, draft_params, prompts, lengths, seed, *, config, draft_config, k, ngram, drafter, sampling,
+                 max_new, cache_len, buf_len, eos_ids, pad_id, verify_backend):
     B, P = prompts.shape
     greedy = sampling.greedy
     rows = jnp.arange(B)
@@ -187,12 +295,15 @@ def _speculative(params, draft_params, prompts, lengths, seed, *, config, draft_
         seq, seq_len, t_cache, done = state["seq"], state["seq_len"], state["t_cache"], state["done"]
         active = ~done
         step = state["step"]
-        if draft_config is not None:
+        q, d_cache = None, None
+        if drafter == "model":
             drafts, q, d_cache = draft_model(state, step)
-        elif ngram == 0:
-            drafts, q, d_cache = trigram_drafts(seq, seq_len, k), None, None
+        elif drafter == "trigram":
+            drafts = trigram_drafts(seq, seq_len, k)
+        elif drafter == "aded":
+            drafts, slots = state["aded"].drafts(seq, seq_len, k)
         else:
-            drafts, q, d_cache = ngram_drafts(seq, seq_len, k, ngram), None, None
+            drafts = ngram_drafts(seq, seq_len, k, ngram)
         last = jnp.take_along_axis(seq, (seq_len - 1)[:, None], axis=1)
         # [B, k+1]: the target scores the last token and every draft in one forward.
         verify_in = jnp.concatenate([last, drafts], axis=1)
@@ -236,6 +347,8 @@ def _speculative(params, draft_params, prompts, lengths, seed, *, config, draft_
                    accepted=state["accepted"] + jnp.where(active, jnp.minimum(n_acc, n_keep), 0),
                    accepted_at=state["accepted_at"] + jnp.sum(
                        (jnp.arange(k)[None] < n_acc[:, None]) & active[:, None], axis=0))
+        if drafter == "aded":
+            out["aded"] = state["aded"].feedback(slots, n_acc, active).observe(seq, seq_len, n_keep, k + 1)
         if d_cache is not None:
             d_len = jnp.minimum(d_cache.lengths, new_len - 1)
             out["d_cache"] = d_cache.with_lengths(jnp.where(active, d_len, state["d_cache"].lengths))
@@ -247,6 +360,8 @@ def _speculative(params, draft_params, prompts, lengths, seed, *, config, draft_
                  accepted_at=jnp.zeros((k,), jnp.int32))
     if d_cache is None:
         state.pop("d_cache")
+    if drafter == "aded":
+        state["aded"] = AdedTable.empty(B).observe(seq, jnp.full((B,), 2, jnp.int32), lengths - 2, P - 2)
     state = jax.lax.while_loop(lambda s: ~jnp.all(s["done"]), body, state)
     n_out = state["seq_len"] - lengths
     idx = lengths[:, None] + jnp.arange(max_new)[None]
