@@ -31,3 +31,16 @@ def _run(fn, *args, **kwargs):
 def _rel(a, b):
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+def triton_lowering_available():
+  """Pallas' Triton lowering runs without a GPU on jaxlib <= 0.10.2; newer
+  jaxlibs compile the Triton module during lowering (needs a GPU)."""
+  try:
+    from jax._src.lib import version as jaxlib_version  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return False
+  return ON_GPU or tuple(jaxlib_version) <= (0, 10, 2)
+
+
+TRITON_SKIP_REASON = "Triton lowering needs jaxlib<=0.10.2 or a GPU"

@@ -10,7 +10,8 @@ from pallas_kernels.decode_attention import (decode_attention,
                                              decode_attention_reference)
 from pallas_kernels.flash_attention import flash_attention_reference
 
-from tests.kernel_testing import ON_GPU, _rel, _run, _x64  # noqa: F401
+from tests.kernel_testing import (ON_GPU, TRITON_SKIP_REASON, _rel, _run,  # noqa: F401
+                                  _x64, triton_lowering_available)
 
 
 def _random_tree(rng, batch, t):
@@ -175,16 +176,7 @@ def test_bad_inputs(change, match):
                      block_k=change.get("block_k"), interpret=True)
 
 
-def _triton_lowering_available():
-  try:
-    from jax._src.lib import version as jaxlib_version  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return False
-  return ON_GPU or tuple(jaxlib_version) <= (0, 10, 2)
-
-
-@pytest.mark.skipif(not _triton_lowering_available(),
-                    reason="Triton lowering needs jaxlib<=0.10.2 or a GPU")
+@pytest.mark.skipif(not triton_lowering_available(), reason=TRITON_SKIP_REASON)
 @pytest.mark.parametrize("t,tree,d", [(1, False, 128), (5, True, 80)])
 def test_triton_lowering(t, tree, d):
   q = jax.ShapeDtypeStruct((4, t, 16, d), jnp.bfloat16)

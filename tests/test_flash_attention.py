@@ -9,7 +9,8 @@ import pytest
 from pallas_kernels.flash_attention import (flash_attention,
                                             flash_attention_reference)
 
-from tests.kernel_testing import ON_GPU, _rel, _run, _x64  # noqa: F401
+from tests.kernel_testing import (ON_GPU, TRITON_SKIP_REASON, _rel, _run,  # noqa: F401
+                                  _x64, triton_lowering_available)
 
 
 def _inputs(seed, b, sq, sk, h, kh, d, dtype=jnp.float32, segments=False):
@@ -147,17 +148,7 @@ def test_bad_inputs(kwargs, match):
                     block_q=kwargs.get("block_q"), interpret=True)
 
 
-def _triton_lowering_available():
-  try:
-    from jax._src.lib import version as jaxlib_version  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return False
-  # Newer jaxlibs compile the Triton module during lowering (needs a GPU).
-  return ON_GPU or tuple(jaxlib_version) <= (0, 10, 2)
-
-
-@pytest.mark.skipif(not _triton_lowering_available(),
-                    reason="Triton lowering needs jaxlib<=0.10.2 or a GPU")
+@pytest.mark.skipif(not triton_lowering_available(), reason=TRITON_SKIP_REASON)
 @pytest.mark.parametrize("causal,segments,d", [(True, False, 128),
                                                 (False, True, 80)])
 def test_triton_lowering(causal, segments, d):
