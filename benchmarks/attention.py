@@ -75,6 +75,14 @@ def _time(fn, args, *, warmup: int, samples: int, inner: int) -> float:
   return statistics.median(times)
 
 
+def _skipped(rec, e):
+  """Marks a record skipped with the exception's first line (BENCH_DEBUG=1: traceback)."""
+  msg = str(e).strip().splitlines()[0][:120] if str(e) else ""
+  rec["status"] = f"skipped: {type(e).__name__}: {msg}"
+  if os.environ.get("BENCH_DEBUG"):
+    traceback.print_exc()
+
+
 def _normal(key, shape, dtype):
   return jax.random.normal(key, shape, jnp.float32).astype(dtype)
 
@@ -177,10 +185,7 @@ def bench_prefill(shape, dtype, *, interpret, timing, records, tune=False):
         flops = fwd_flops if mode == "fwd" else total_flops
         rec.update(time_ms=t * 1e3, value=flops / t / 1e12, status="ok")
       except Exception as e:  # pylint: disable=broad-except
-        msg = str(e).strip().splitlines()[0][:120] if str(e) else ""
-        rec["status"] = f"skipped: {type(e).__name__}: {msg}"
-        if os.environ.get("BENCH_DEBUG"):
-          traceback.print_exc()
+        _skipped(rec, e)
 
 
 # ----------------------------------------------------------------------------
@@ -251,10 +256,7 @@ def bench_decode(b, hq, hkv, s, d, t, dtype, *, interpret, timing, records,
       tt = _time(run, (qt, kt_, vt, lt), **timing)
       rec.update(time_ms=tt * 1e3, value=cache_bytes / tt / 1e9, status="ok")
     except Exception as e:  # pylint: disable=broad-except
-      msg = str(e).strip().splitlines()[0][:120] if str(e) else ""
-      rec["status"] = f"skipped: {type(e).__name__}: {msg}"
-      if os.environ.get("BENCH_DEBUG"):
-        traceback.print_exc()
+      _skipped(rec, e)
 
 
 # ----------------------------------------------------------------------------
