@@ -574,6 +574,14 @@ def train(run_config: RunConfig, *, force: bool = False, devices: Optional[Seque
                           data_state=data_iter.get_state(), run_config=run_dict)
         last_saved = at_step
 
+    def evaluate_and_record(at_step: int) -> None:
+        val = evaluate(state.params)
+        if val is not None:
+            val_losses[at_step] = val
+            writers.write({"step": at_step, "val_loss": val})
+            if bar is not None:
+                bar.write(f"step {at_step}: val_loss {val:.4f}")
+
     pending = []  # (step, device metrics) since the last log
     t_last, step_last = time.perf_counter(), start_step
     end_step = train_cfg.steps if stop_after is None else min(train_cfg.steps, start_step + stop_after)
@@ -607,12 +615,7 @@ def train(run_config: RunConfig, *, force: bool = False, devices: Optional[Seque
                         post["mfu"] = f"{row['mfu']:.1%}" if row["mfu"] is not None else "n/a"
                         bar.set_postfix(post, refresh=False)
                 if train_cfg.eval_every and step % train_cfg.eval_every == 0 and step < train_cfg.steps:
-                    val = evaluate(state.params)
-                    if val is not None:
-                        val_losses[step] = val
-                        writers.write({"step": step, "val_loss": val})
-                        if bar is not None:
-                            bar.write(f"step {step}: val_loss {val:.4f}")
+                    evaluate_and_record(step)
                 if train_cfg.checkpoint_every and step % train_cfg.checkpoint_every == 0:
                     save(step)
                 if step_sleep:
@@ -627,12 +630,7 @@ def train(run_config: RunConfig, *, force: bool = False, devices: Optional[Seque
                     losses[s] = float(fm["loss"])
             save(step)
             if step >= train_cfg.steps and step > start_step and not preempted:
-                val = evaluate(state.params)
-                if val is not None:
-                    val_losses[step] = val
-                    writers.write({"step": step, "val_loss": val})
-                    if bar is not None:
-                        bar.write(f"step {step}: val_loss {val:.4f}")
+                evaluate_and_record(step)
             checkpointer.wait()
     finally:
         if bar is not None:
