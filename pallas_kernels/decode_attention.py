@@ -36,7 +36,8 @@ from pallas_kernels.flash_attention import (_LANES, _LOG2E, MASK_VALUE,
                                             _compiler_params, _dot, _is_pow2,
                                             _next_pow2, _online_softmax_init,
                                             _online_softmax_step,
-                                            _resolve_backend, _tpu_params)
+                                            _resolve_backend, _tpu_params,
+                                            masked_attention_reference)
 
 __all__ = ["decode_attention", "decode_attention_reference"]
 
@@ -169,8 +170,9 @@ def _decode_kernel_tpu(len_ref, q_ref, k_ref, v_ref, bits_ref, o_ref, m_ref,
     l_ref[...] = jnp.zeros(l_ref.shape, l_ref.dtype)
 
 
-def _tree_bits(tree_mask, groups: int, rows: int):
-  """[B, T, T] bool -> [B, words, rows] int32 bitmasks, row r = t*G + g."""
+def _tree_bits(tree_mask, groups: int, rows: int, rows_last: bool = True):
+  """[B, T, T] bool -> [B, words, rows] int32 bitmasks, row r = t*G + g
+  ([B, rows, words] with rows_last=False, the TPU kernel's layout)."""
   batch, t, _ = tree_mask.shape
   words = -(-t // 32)
   m = jnp.pad(tree_mask.astype(jnp.uint32), ((0, 0), (0, 0),
@@ -181,7 +183,7 @@ def _tree_bits(tree_mask, groups: int, rows: int):
   bits = lax.bitcast_convert_type(bits, jnp.int32)         # [B, T, W]
   bits = jnp.repeat(bits, groups, axis=1)                  # [B, T*G, W]
   bits = jnp.pad(bits, ((0, 0), (0, rows - t * groups), (0, 0)))
-  return jnp.swapaxes(bits, 1, 2)                          # [B, W, rows]
+  return jnp.swapaxes(bits, 1, 2) if rows_last else bits   # [B, W, rows]
 
 
 @functools.partial(jax.jit, static_argnums=(5,))
@@ -203,7 +205,8 @@ def _decode(q, k, v, lengths, tree_mask, cfg: _Config):
     k, v = jnp.pad(k, pad), jnp.pad(v, pad)
   lengths = lengths.astype(jnp.int32)
 
-  bits = _tree_bits(tree_mask, g, rows) if cfg.tree_words else None
+  bits = (_tree_bits(tree_mask, g, rows, rows_last=not cfg.tpu)
+          if cfg.tree_words else None)
 
   ns, ml = cfg.num_splits, cfg.max_len
   if cfg.tpu:
@@ -227,8 +230,7 @@ def _decode_call_tpu(lengths, qr, k, v, bits, cfg: _Config):
   batch, kv_heads, rows, d_pad = qr.shape
   ns, ml = cfg.num_splits, cfg.max_len
   smem = getattr(pltpu, "SMEM", None) or pltpu.MemorySpace.SMEM
-  if bits is not None:  # [B, W, rows] -> [B, rows, W]: words as columns
-    bits = jnp.swapaxes(bits, 1, 2)
+  if bits is not None:  # [B, rows, W]: words as columns
     bits_spec = pl.BlockSpec((None, rows, cfg.tree_words),
                              lambda b, s: (b, 0, 0))
   else:
@@ -430,14 +432,8 @@ def decode_attention_reference(q, k, v, lengths, *, sm_scale=None,
                                tree_mask=None):
   """Plain jnp version of :func:`decode_attention` (computes in
   ``promote_types(q.dtype, float32)`` and returns that dtype)."""
-  batch, t, heads, head_dim = q.shape
-  max_len, kv_heads = k.shape[1], k.shape[2]
-  g = heads // kv_heads
-  dtype = jnp.promote_types(q.dtype, jnp.float32)
-  if sm_scale is None:
-    sm_scale = 1.0 / math.sqrt(head_dim)
-  qg = q.astype(dtype).reshape(batch, t, kv_heads, g, head_dim)
-  s = jnp.einsum("bthgd,bshd->bhgts", qg, k.astype(dtype)) * sm_scale
+  batch, t = q.shape[:2]
+  max_len = k.shape[1]
   lengths = jnp.asarray(lengths)
   q_pos = lengths[:, None] - t + jnp.arange(t)[None, :]          # [B, T]
   k_pos = jnp.arange(max_len)
@@ -451,7 +447,4 @@ def decode_attention_reference(q, k, v, lengths, *, sm_scale=None,
         axis=2)
     mask = jnp.where(in_new, tree, j < 0)
   mask = mask & (k_pos[None, None, :] < lengths[:, None, None])
-  s = jnp.where(mask[:, None, None], s, -jnp.inf)
-  p = jax.nn.softmax(s, axis=-1)
-  out = jnp.einsum("bhgts,bshd->bthgd", p, v.astype(dtype))
-  return out.reshape(batch, t, heads, head_dim)
+  return masked_attention_reference(q, k, v, mask, sm_scale=sm_scale)

@@ -682,6 +682,24 @@ def _flash_padded(q, k, v, segment_ids, cfg, sq_pad, sk_pad, d_pad):
 # ----------------------------------------------------------------------------
 # Reference.
 # ----------------------------------------------------------------------------
+def masked_attention_reference(q, k, v, mask, *, sm_scale=None):
+  """Grouped-query softmax attention with an explicit boolean mask
+  ``[batch, seq_q, seq_k]`` (True: may attend), in
+  ``promote_types(q.dtype, float32)``; the core of both kernels' references."""
+  batch, seq_q, heads, head_dim = q.shape
+  kv_heads = k.shape[2]
+  g = heads // kv_heads
+  dtype = jnp.promote_types(q.dtype, jnp.float32)
+  if sm_scale is None:
+    sm_scale = 1.0 / math.sqrt(head_dim)
+  qg = q.astype(dtype).reshape(batch, seq_q, kv_heads, g, head_dim)
+  s = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k.astype(dtype)) * sm_scale
+  s = jnp.where(mask[:, None, None], s, -jnp.inf)
+  p = jax.nn.softmax(s, axis=-1)
+  out = jnp.einsum("bhgqk,bkhd->bqhgd", p, v.astype(dtype))
+  return out.reshape(batch, seq_q, heads, head_dim)
+
+
 def flash_attention_reference(q, k, v, *, causal: bool = True, segment_ids=None,
                               sm_scale: float | None = None):
   """Plain jnp attention, same semantics as :func:`flash_attention`.
@@ -689,20 +707,11 @@ def flash_attention_reference(q, k, v, *, causal: bool = True, segment_ids=None,
   Computes in ``promote_types(q.dtype, float32)`` (float64 under x64 when the
   inputs are float64) and returns that dtype.
   """
-  batch, seq_q, heads, head_dim = q.shape
-  seq_k, kv_heads = k.shape[1], k.shape[2]
-  g = heads // kv_heads
-  dtype = jnp.promote_types(q.dtype, jnp.float32)
-  if sm_scale is None:
-    sm_scale = 1.0 / math.sqrt(head_dim)
-  qg = q.astype(dtype).reshape(batch, seq_q, kv_heads, g, head_dim)
-  s = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k.astype(dtype)) * sm_scale
-  mask = jnp.ones((batch, 1, 1, seq_q, seq_k), bool)
+  batch, seq_q = q.shape[:2]
+  seq_k = k.shape[1]
+  mask = jnp.ones((batch, seq_q, seq_k), bool)
   if causal:
     mask &= (jnp.arange(seq_q)[:, None] >= jnp.arange(seq_k)[None, :])
   if segment_ids is not None:
-    mask &= (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None, None]
-  s = jnp.where(mask, s, -jnp.inf)
-  p = jax.nn.softmax(s, axis=-1)
-  out = jnp.einsum("bhgqk,bkhd->bqhgd", p, v.astype(dtype))
-  return out.reshape(batch, seq_q, heads, head_dim)
+    mask &= segment_ids[:, :, None] == segment_ids[:, None, :]
+  return masked_attention_reference(q, k, v, mask, sm_scale=sm_scale)
