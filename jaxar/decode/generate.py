@@ -243,8 +243,7 @@ def _beam_search(params, prompts, lengths, *, config, max_new, num_beams, groups
     V = last.shape[-1]
     # Rows are ordered (batch, group, beam).
     rep = lambda x: jnp.repeat(x, G * nb, axis=0)  # noqa: E731
-    cache = KVCache(k=jnp.repeat(cache.k, G * nb, axis=1), v=jnp.repeat(cache.v, G * nb, axis=1),
-                    lengths=rep(cache.lengths))
+    cache = cache.repeat_rows(G * nb)
     logits = rep(last)  # [B*G*nb, V]
 
     run_seq = jnp.full((B, G, nb, max_new), pad_id, jnp.int32)
@@ -305,7 +304,7 @@ def _beam_search(params, prompts, lengths, *, config, max_new, num_beams, groups
         unsatisfied = unsatisfied & jnp.any(best_running[:, :, None] > worst_fin, axis=2)
         # Reorder the cache to the surviving beams and feed their new tokens.
         rows = (jnp.arange(B)[:, None, None] * (G * nb) + src).reshape(-1)
-        cache = KVCache(k=cache.k[:, rows], v=cache.v[:, rows], lengths=cache.lengths[rows])
+        cache = cache.take_rows(rows)
         logits, cache = forward(params, run_seq[..., i].reshape(-1, 1), config=config, cache=cache)
         keep_going = jnp.any(unsatisfied) & ~all_hit
         return (i + 1, cache, logits[:, 0], run_seq, run_score, fin_seq, fin_score, fin_len, fin_done, unsatisfied,

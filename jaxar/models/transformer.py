@@ -171,9 +171,10 @@ def _forward_jit(params, tokens, positions, cache, segment_ids, num_new, tree_ma
     # Attention sees the T written entries of each row; the row's stored
     # length then advances by num_new only.
     extra = {"write_slots": write_slots, "lengths": start + T, "tree_mask": tree_mask}
-    out = model.apply({"params": params}, tokens, positions, (cache.k, cache.v), extra, return_hidden=return_hidden)
+    out = model.apply({"params": params}, tokens, positions, (jnp.stack(cache.k), jnp.stack(cache.v)), extra,
+                      return_hidden=return_hidden)
     logits, (k, v) = out[0], out[1]
-    new_cache = KVCache(k=k, v=v, lengths=jnp.minimum(new_len, cache.max_len))
+    new_cache = KVCache(k=tuple(k), v=tuple(v), lengths=jnp.minimum(new_len, cache.max_len))
     return (logits, new_cache) + tuple(out[2:])
 
 
