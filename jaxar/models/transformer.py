@@ -71,7 +71,7 @@ class Transformer(nn.Module):
 
     @nn.compact
     def __call__(self, tokens, positions, cache_kv=None, inputs_extra: Optional[dict] = None,
-                 return_hidden: bool = False):
+                 return_hidden: bool = False, logits_at=None):
         """tokens, positions: [B, T] int. cache_kv: (k, v) stacked caches or None.
 
         Returns (logits [B, T, V] float32, new cache_kv, hidden [B, T, D] if asked).
@@ -101,6 +101,8 @@ class Transformer(nn.Module):
         (x, cache_kv), _ = layers((x, cache_kv), jnp.arange(cfg.n_layers), inputs)
 
         hidden = Norm(cfg, name="final_norm")(x)
+        if logits_at is not None:  # [B, n] positions whose logits are wanted
+            hidden = jnp.take_along_axis(hidden, logits_at[:, :, None], axis=1)
         if cfg.tie_embeddings:
             logits = embed.attend(hidden)
         else:
@@ -122,7 +124,7 @@ def init_params(config: ModelConfig, rng) -> dict:
 
 
 def forward(params, tokens, *, config: ModelConfig, positions=None, cache: Optional[KVCache] = None,
-            segment_ids=None, num_new=None, tree_mask=None, return_hidden: bool = False):
+            segment_ids=None, num_new=None, tree_mask=None, return_hidden: bool = False, logits_at=None):
     """Run the model on `tokens [batch, T]`.
 
     Without a cache (training, scoring): full causal attention over the T
@@ -137,8 +139,13 @@ def forward(params, tokens, *, config: ModelConfig, positions=None, cache: Optio
     is never attended and is overwritten later). `tree_mask [batch, T, T]`
     replaces the causal pattern among the new tokens (draft-tree verification).
 
-    Returns (logits [batch, T, vocab] float32, updated cache or None), plus
-    the final hidden states [batch, T, d_model] when `return_hidden`.
+    `logits_at`: None (logits at every position), "last" (only at each row's
+    last real token: position num_new - 1, or T - 1; logits [batch, 1, vocab]),
+    or int [batch, n] positions (logits [batch, n, vocab]). Prefill asks for
+    "last", so the vocabulary projection runs once per row, not per token.
+
+    Returns (logits [batch, T or n, vocab] float32, updated cache or None), plus
+    the final hidden states [batch, T or n, d_model] when `return_hidden`.
     """
     tokens = jnp.asarray(tokens)
     if tokens.ndim != 2:
@@ -147,19 +154,28 @@ def forward(params, tokens, *, config: ModelConfig, positions=None, cache: Optio
         raise ValueError(f"tokens must be integers, got {tokens.dtype}")
     if cache is not None and cache.batch != tokens.shape[0]:
         raise ValueError(f"cache has {cache.batch} rows but tokens has {tokens.shape[0]}")
-    return _forward_jit(params, tokens, positions, cache, segment_ids, num_new, tree_mask, config=config,
+    if isinstance(logits_at, str):
+        if logits_at != "last":
+            raise ValueError(f"logits_at must be None, 'last' or int [batch, n] positions, got {logits_at!r}")
+        T = tokens.shape[1]
+        last = (jnp.asarray(num_new, jnp.int32) if num_new is not None else jnp.full(tokens.shape[:1], T)) - 1
+        logits_at = jnp.clip(last, 0, T - 1)[:, None]
+    elif logits_at is not None:
+        logits_at = jnp.asarray(logits_at, jnp.int32)
+    return _forward_jit(params, tokens, positions, cache, segment_ids, num_new, tree_mask, logits_at, config=config,
                         return_hidden=return_hidden)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "return_hidden"))
-def _forward_jit(params, tokens, positions, cache, segment_ids, num_new, tree_mask, *, config, return_hidden):
+def _forward_jit(params, tokens, positions, cache, segment_ids, num_new, tree_mask, logits_at, *, config,
+                 return_hidden):
     B, T = tokens.shape
     model = Transformer(config)
     if cache is None:
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         out = model.apply({"params": params}, tokens, positions, None, {"segment_ids": segment_ids},
-                          return_hidden=return_hidden)
+                          return_hidden=return_hidden, logits_at=logits_at)
         return (out[0], None) + tuple(out[2:])
 
     start = cache.lengths.astype(jnp.int32)
@@ -172,7 +188,7 @@ def _forward_jit(params, tokens, positions, cache, segment_ids, num_new, tree_ma
     # length then advances by num_new only.
     extra = {"write_slots": write_slots, "lengths": start + T, "tree_mask": tree_mask}
     out = model.apply({"params": params}, tokens, positions, (jnp.stack(cache.k), jnp.stack(cache.v)), extra,
-                      return_hidden=return_hidden)
+                      return_hidden=return_hidden, logits_at=logits_at)
     logits, (k, v) = out[0], out[1]
     new_cache = KVCache(k=tuple(k), v=tuple(v), lengths=jnp.minimum(new_len, cache.max_len))
     return (logits, new_cache) + tuple(out[2:])
