@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -164,16 +165,20 @@ class _Config:
   num_warps: int | None
   num_stages: int | None
   tpu: bool = False   # Mosaic TPU layout (see the module docstring)
+  has_ids: bool = False  # order-id (block_ids) mask instead of positions
 
   @property
   def kv_padded(self) -> bool:
     return self.seq_k % self.block_k != 0 or self.seq_k % self.block_q != 0
 
 
-def _mask_block(cfg: _Config, qk, q_pos, k_pos, q_seg, k_seg, *, causal: bool):
+def _mask_block(cfg: _Config, qk, q_pos, k_pos, q_seg, k_seg, q_ord=None,
+                k_ord=None, *, causal: bool):
   """Applies causal / segment / kv-padding masks to a [rows, cols] tile.
 
-  q_pos / k_pos are broadcastable position vectors ([rows, 1] / [1, cols]).
+  q_pos / k_pos are broadcastable position vectors ([rows, 1] / [1, cols]);
+  q_ord / k_ord the same for order ids (block_ids), which replace the
+  positions in the causal comparison when given.
   """
   mask = None
 
@@ -181,7 +186,7 @@ def _mask_block(cfg: _Config, qk, q_pos, k_pos, q_seg, k_seg, *, causal: bool):
     return x if m is None else jnp.logical_and(m, x)
 
   if causal:
-    mask = _and(mask, q_pos >= k_pos)
+    mask = _and(mask, q_pos >= k_pos if q_ord is None else q_ord >= k_ord)
   if cfg.kv_padded:
     mask = _and(mask, k_pos < cfg.seq_k)
   if q_seg is not None:
@@ -194,8 +199,19 @@ def _mask_block(cfg: _Config, qk, q_pos, k_pos, q_seg, k_seg, *, causal: bool):
 # ----------------------------------------------------------------------------
 # Forward kernel.
 # ----------------------------------------------------------------------------
-def _fwd_kernel(q_ref, k_ref, v_ref, seg_q_ref, seg_k_ref, o_ref, lse_ref, *,
-                cfg: _Config, num_q_blocks: int, num_k_blocks: int):
+def _loop_bounds(ref, cfg: _Config, block, num_blocks: int):
+  """(lo, mid, hi) of this program's inner loop (order-id mode, see
+  :func:`_order_bounds`): a [4] block on GPU, the whole flat int32
+  [batch * num_blocks * 4] array in SMEM on TPU."""
+  if cfg.tpu:
+    base = (pl.program_id(1) * num_blocks + block) * 4
+    return ref[base], ref[base + 1], ref[base + 2]
+  return ref[0], ref[1], ref[2]
+
+
+def _fwd_kernel(q_ref, k_ref, v_ref, seg_q_ref, seg_k_ref, ids_q_ref,
+                ids_k_ref, bounds_ref, o_ref, lse_ref, *, cfg: _Config,
+                num_q_blocks: int, num_k_blocks: int):
   bq, bk = cfg.block_q, cfg.block_k
   qi = pl.program_id(0)
   if cfg.causal:  # heaviest blocks first: better tail behaviour on GPU
@@ -206,6 +222,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, seg_q_ref, seg_k_ref, o_ref, lse_ref, *,
   scale = cfg.sm_scale * _LOG2E                    # work in base 2
   q_pos = (q_start + lax.broadcasted_iota(jnp.int32, (bq, 1), 0))
   q_seg = _col(seg_q_ref, slice(None), cfg.tpu) if cfg.has_segments else None
+  q_ord = _col(ids_q_ref, slice(None), cfg.tpu) if cfg.has_ids else None
 
   def body(kb, carry, *, causal):
     k_start = kb * bk
@@ -215,11 +232,22 @@ def _fwd_kernel(q_ref, k_ref, v_ref, seg_q_ref, seg_k_ref, o_ref, lse_ref, *,
     k_pos = k_start + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
     k_seg = (_row(seg_k_ref, pl.ds(k_start, bk), cfg.tpu)
              if cfg.has_segments else None)
-    s = _mask_block(cfg, s, q_pos, k_pos, q_seg, k_seg, causal=causal)
+    k_ord = (_row(ids_k_ref, pl.ds(k_start, bk), cfg.tpu)
+             if cfg.has_ids else None)
+    s = _mask_block(cfg, s, q_pos, k_pos, q_seg, k_seg, q_ord, k_ord,
+                    causal=causal)
     return _online_softmax_step(carry, s, v)
 
   carry = _online_softmax_init(bq, d)
-  if cfg.causal:
+  if cfg.has_ids:
+    # Key blocks [lo, mid) need no order mask, [mid, hi) do, the rest are
+    # fully masked (skipped).
+    lo, mid, hi = _loop_bounds(bounds_ref, cfg, qi, num_q_blocks)
+    carry = lax.fori_loop(lo, mid, functools.partial(body, causal=False),
+                          carry)
+    carry = lax.fori_loop(mid, hi, functools.partial(body, causal=True),
+                          carry)
+  elif cfg.causal:
     # Key blocks entirely at or below the diagonal need no causal mask.
     upper = jnp.minimum(lax.div(q_start + bq + bk - 1, bk), num_k_blocks)
     n_full = jnp.minimum(lax.div(q_start + 1, bk), upper)
@@ -295,6 +323,13 @@ class _Specs:
       return pl.BlockSpec((None, _SUBLANES, n), lambda i, b, h: (b, 0, blk(i)))
     return pl.BlockSpec((None, n), lambda i, b, h: (b, blk(i)))
 
+  def bounds(self, blk):
+    """Loop bounds (order-id mode): this program's [4] on GPU; the whole flat
+    array in SMEM on TPU (scalars that drive loops live there)."""
+    if self.tpu:
+      return pl.BlockSpec(memory_space=_smem_space())
+    return pl.BlockSpec((None, None, 4), lambda i, b, h: (b, blk(i), 0))
+
   def params(self, num_warps, num_stages):
     return _tpu_params(3) if self.tpu else _compiler_params(num_warps,
                                                              num_stages)
@@ -309,23 +344,42 @@ def _dims(q, k, cfg: _Config):
   return batch, sq, heads, d, sk, kv_heads
 
 
-def _seg_args(seg, cfg: _Config):
-  """(column source, row source) of the segment ids: both the same array on
-  GPU, the two copies on TPU; (None, None) without segments."""
-  if seg is None:
-    return (None, None)
-  return seg if cfg.tpu else (seg, seg)
+class _Aux(NamedTuple):
+  """Non-differentiable kernel inputs (padded). seg / ids: (column source,
+  row source) pairs (the same array on GPU, the two copies on TPU) or None;
+  bounds: (fwd, dq, dkdv) loop bounds of the order-id mode or None."""
+  seg: tuple | None
+  ids: tuple | None
+  bounds: tuple | None
+
+  def per_token(self):
+    """(seg col, seg row, ids col, ids row), None where absent."""
+    return (*(self.seg or (None, None)), *(self.ids or (None, None)))
+
+  def bound(self, which: int):
+    return None if self.bounds is None else self.bounds[which]
 
 
-def _fwd_call(q, k, v, seg, cfg: _Config):
+def _id_specs(sp: _Specs, cfg: _Config, col, row):
+  """Specs of (seg col, seg row, ids col, ids row) for the given column /
+  row (block length, block map) pairs."""
+  pair = [sp.seg_col(*col), sp.seg_row(*row)]
+  return ((pair if cfg.has_segments else [None, None])
+          + (pair if cfg.has_ids else [None, None]))
+
+
+def _smem_space():
+  from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
+  return getattr(pltpu, "SMEM", None) or pltpu.MemorySpace.SMEM
+
+
+def _fwd_call(q, k, v, aux: _Aux, cfg: _Config):
   batch, sq, heads, d, sk, _ = _dims(q, k, cfg)
   bq, bk, g = cfg.block_q, cfg.block_k, cfg.groups
   nq, nk = sq // bq, sk // bk
   qidx = _q_block_index(cfg, nq)
   sp = _Specs(cfg, d)
   whole = lambda i: 0
-  seg_specs = ([sp.seg_col(bq, qidx), sp.seg_row(sk, whole)]
-               if cfg.has_segments else [None, None])
   out, lse = pl.pallas_call(
       functools.partial(_fwd_kernel, cfg=cfg, num_q_blocks=nq,
                         num_k_blocks=nk),
@@ -333,7 +387,8 @@ def _fwd_call(q, k, v, seg, cfg: _Config):
       in_specs=[sp.tile(bq, qidx),
                 sp.tile(sk, whole, head=lambda h: lax.div(h, g)),
                 sp.tile(sk, whole, head=lambda h: lax.div(h, g)),
-                *seg_specs],
+                *_id_specs(sp, cfg, (bq, qidx), (sk, whole)),
+                sp.bounds(qidx) if cfg.has_ids else None],
       out_specs=[sp.tile(bq, qidx), sp.rows(bq, qidx)],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct(sp.rows_shape(batch, heads, sq),
@@ -342,7 +397,7 @@ def _fwd_call(q, k, v, seg, cfg: _Config):
                                 cfg.num_stages or 3),
       interpret=cfg.interpret,
       name="flash_attention_fwd",
-  )(q, k, v, *_seg_args(seg, cfg))
+  )(q, k, v, *aux.per_token(), aux.bound(0))
   return out, lse
 
 
@@ -350,7 +405,8 @@ def _fwd_call(q, k, v, seg, cfg: _Config):
 # Backward kernels.
 # ----------------------------------------------------------------------------
 def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_q_ref,
-                 seg_k_ref, dk_ref, dv_ref, *, cfg: _Config, num_q_blocks: int):
+                 seg_k_ref, ids_q_ref, ids_k_ref, bounds_ref, dk_ref, dv_ref, *,
+                 cfg: _Config, num_q_blocks: int, num_k_blocks: int):
   # Key tile of size block_q (the bigger tile stays resident), query chunks of
   # size block_bwd. GPU: q/do blocks [S, G, D], lse/delta [G, S], and the
   # tile is worked on as s^T = k q^T. TPU: q/do [G, S, D], lse/delta
@@ -367,9 +423,11 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_q_ref,
   if tpu:
     k_pos = k_start + lax.broadcasted_iota(jnp.int32, (1, bkv), 1)
     k_seg = _row(seg_k_ref, slice(None), True) if cfg.has_segments else None
+    k_ord = _row(ids_k_ref, slice(None), True) if cfg.has_ids else None
   else:
     k_pos = k_start + lax.broadcasted_iota(jnp.int32, (bkv, 1), 0)
     k_seg = seg_k_ref[...][:, None] if cfg.has_segments else None
+    k_ord = ids_k_ref[...][:, None] if cfg.has_ids else None
 
   def q_body(qb, carry, *, j, causal):
     dk, dv = carry
@@ -381,14 +439,17 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_q_ref,
       s = _dot(q, k, trans_b=True) * scale         # [bqc, bkv]
       q_pos = q_start + lax.broadcasted_iota(jnp.int32, (bqc, 1), 0)
       q_seg = _col(seg_q_ref, rows, True) if cfg.has_segments else None
+      q_ord = _col(ids_q_ref, rows, True) if cfg.has_ids else None
     else:
       q, do = q_ref[rows, j, :], do_ref[rows, j, :]
       lse, delta = lse_ref[j, rows][None, :], delta_ref[j, rows][None, :]
       s = _dot(k, q, trans_b=True) * scale         # s^T: [bkv, bqc]
       q_pos = q_start + lax.broadcasted_iota(jnp.int32, (1, bqc), 1)
       q_seg = seg_q_ref[rows][None, :] if cfg.has_segments else None
+      q_ord = ids_q_ref[rows][None, :] if cfg.has_ids else None
     # Broadcasting makes _mask_block orientation-agnostic.
-    s = _mask_block(cfg, s, q_pos, k_pos, q_seg, k_seg, causal=causal)
+    s = _mask_block(cfg, s, q_pos, k_pos, q_seg, k_seg, q_ord, k_ord,
+                    causal=causal)
     p = jnp.exp2(s - lse)
     dot = _dot_tn if tpu else _dot                 # p^T @ do either way
     dv = dv + dot(p.astype(do.dtype), do)
@@ -397,8 +458,18 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_q_ref,
     dk = dk + dot(ds.astype(q.dtype), q)
     return dk, dv
 
+  if cfg.has_ids:
+    # Query chunks [lo, mid) need the order mask, [mid, hi) see the whole key
+    # tile, the rest see none of it (skipped).
+    q_lo, q_mid, q_hi = _loop_bounds(bounds_ref, cfg, kb, num_k_blocks)
+
   def head_body(j, carry):
-    if cfg.causal:
+    if cfg.has_ids:
+      carry = lax.fori_loop(
+          q_lo, q_mid, functools.partial(q_body, j=j, causal=True), carry)
+      carry = lax.fori_loop(
+          q_mid, q_hi, functools.partial(q_body, j=j, causal=False), carry)
+    elif cfg.causal:
       lo = lax.div(k_start, bqc)
       # Query chunks starting at/after the last key of the tile see it all.
       full = jnp.minimum(lax.div(k_start + bkv - 1 + bqc - 1, bqc),
@@ -420,8 +491,8 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_q_ref,
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_q_ref,
-               seg_k_ref, dq_ref, *, cfg: _Config, num_q_blocks: int,
-               num_k_blocks: int):
+               seg_k_ref, ids_q_ref, ids_k_ref, bounds_ref, dq_ref, *,
+               cfg: _Config, num_q_blocks: int, num_k_blocks: int):
   bq, bk = cfg.block_q, cfg.block_bwd
   qi = pl.program_id(0)
   if cfg.causal:
@@ -435,6 +506,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_q_ref,
   scale = cfg.sm_scale * _LOG2E
   q_pos = q_start + lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
   q_seg = _col(seg_q_ref, slice(None), cfg.tpu) if cfg.has_segments else None
+  q_ord = _col(ids_q_ref, slice(None), cfg.tpu) if cfg.has_ids else None
 
   def body(kb, dq, *, causal):
     k_start = kb * bk
@@ -444,14 +516,21 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_q_ref,
     k_pos = k_start + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
     k_seg = (_row(seg_k_ref, pl.ds(k_start, bk), cfg.tpu)
              if cfg.has_segments else None)
-    s = _mask_block(cfg, s, q_pos, k_pos, q_seg, k_seg, causal=causal)
+    k_ord = (_row(ids_k_ref, pl.ds(k_start, bk), cfg.tpu)
+             if cfg.has_ids else None)
+    s = _mask_block(cfg, s, q_pos, k_pos, q_seg, k_seg, q_ord, k_ord,
+                    causal=causal)
     p = jnp.exp2(s - lse)
     dp = _dot(do, v, trans_b=True)
     ds = p * (dp - delta)
     return dq + _dot(ds.astype(k.dtype), k)
 
   dq = jnp.zeros((bq, d), jnp.float32)
-  if cfg.causal:
+  if cfg.has_ids:  # as in the forward kernel, over key chunks of block_bwd
+    lo, mid, hi = _loop_bounds(bounds_ref, cfg, qi, num_q_blocks)
+    dq = lax.fori_loop(lo, mid, functools.partial(body, causal=False), dq)
+    dq = lax.fori_loop(mid, hi, functools.partial(body, causal=True), dq)
+  elif cfg.causal:
     upper = jnp.minimum(lax.div(q_start + bq + bk - 1, bk), num_k_blocks)
     n_full = jnp.minimum(lax.div(q_start + 1, bk), upper)
     dq = lax.fori_loop(0, n_full, functools.partial(body, causal=False), dq)
@@ -462,7 +541,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_q_ref,
   dq_ref[...] = (dq * cfg.sm_scale).astype(dq_ref.dtype)
 
 
-def _bwd_call(q, k, v, seg, out, lse, do, cfg: _Config):
+def _bwd_call(q, k, v, aux: _Aux, out, lse, do, cfg: _Config):
   batch, sq, heads, d, sk, kv_heads = _dims(q, k, cfg)
   bq, bk, g = cfg.block_q, cfg.block_bwd, cfg.groups
   # delta_i = sum_d o_id * do_id  (FA-2 preprocessing; XLA fuses this).
@@ -473,44 +552,43 @@ def _bwd_call(q, k, v, seg, out, lse, do, cfg: _Config):
   sp = _Specs(cfg, d)
   params = sp.params(cfg.num_warps or (4 if d <= 64 else 8),
                      cfg.num_stages or 2)
-  seg_args = _seg_args(seg, cfg)
   whole, ident = (lambda i: 0), (lambda i: i)
 
   # dK / dV: grid over key tiles of size block_q, query chunks of block_bwd.
   nkv, nqc = sk // bq, sq // bk
-  seg_specs = ([sp.seg_col(sq, whole), sp.seg_row(bq, ident)]
-               if cfg.has_segments else [None, None])
   dk, dv = pl.pallas_call(
-      functools.partial(_dkdv_kernel, cfg=cfg, num_q_blocks=nqc),
+      functools.partial(_dkdv_kernel, cfg=cfg, num_q_blocks=nqc,
+                        num_k_blocks=nkv),
       grid=(nkv, batch, kv_heads),
       in_specs=[sp.group(g, sq), sp.tile(bq, ident), sp.tile(bq, ident),
                 sp.group(g, sq), sp.group_rows(g, sq), sp.group_rows(g, sq),
-                *seg_specs],
+                *_id_specs(sp, cfg, (sq, whole), (bq, ident)),
+                sp.bounds(ident) if cfg.has_ids else None],
       out_specs=[sp.tile(bq, ident), sp.tile(bq, ident)],
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype),
                  jax.ShapeDtypeStruct(v.shape, v.dtype)],
       compiler_params=params,
       interpret=cfg.interpret,
       name="flash_attention_bwd_dkdv",
-  )(q, k, v, do, lse, delta, *seg_args)
+  )(q, k, v, do, lse, delta, *aux.per_token(), aux.bound(2))
 
   # dQ: grid over query tiles of size block_q, key chunks of block_bwd.
   nq, nk = sq // bq, sk // bk
   qidx = _q_block_index(cfg, nq)
-  seg_specs = ([sp.seg_col(bq, qidx), sp.seg_row(sk, whole)]
-               if cfg.has_segments else [None, None])
   kv_spec = sp.tile(sk, whole, head=lambda h: lax.div(h, g))
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, cfg=cfg, num_q_blocks=nq, num_k_blocks=nk),
       grid=(nq, batch, heads),
       in_specs=[sp.tile(bq, qidx), kv_spec, kv_spec, sp.tile(bq, qidx),
-                sp.rows(bq, qidx), sp.rows(bq, qidx), *seg_specs],
+                sp.rows(bq, qidx), sp.rows(bq, qidx),
+                *_id_specs(sp, cfg, (bq, qidx), (sk, whole)),
+                sp.bounds(qidx) if cfg.has_ids else None],
       out_specs=sp.tile(bq, qidx),
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       compiler_params=params,
       interpret=cfg.interpret,
       name="flash_attention_bwd_dq",
-  )(q, k, v, do, lse, delta, *seg_args)
+  )(q, k, v, do, lse, delta, *aux.per_token(), aux.bound(1))
   return dq, dk, dv
 
 
@@ -518,22 +596,81 @@ def _bwd_call(q, k, v, seg, out, lse, do, cfg: _Config):
 # custom_vjp plumbing (operates on padded arrays).
 # ----------------------------------------------------------------------------
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _flash(q, k, v, seg, cfg: _Config):
-  return _fwd_call(q, k, v, seg, cfg)[0]
+def _flash(q, k, v, aux: _Aux, cfg: _Config):
+  return _fwd_call(q, k, v, aux, cfg)[0]
 
 
-def _flash_fwd(q, k, v, seg, cfg: _Config):
-  out, lse = _fwd_call(q, k, v, seg, cfg)
-  return out, (q, k, v, seg, out, lse)
+def _flash_fwd(q, k, v, aux: _Aux, cfg: _Config):
+  out, lse = _fwd_call(q, k, v, aux, cfg)
+  return out, (q, k, v, aux, out, lse)
 
 
 def _flash_bwd(cfg: _Config, res, do):
-  q, k, v, seg, out, lse = res
-  dq, dk, dv = _bwd_call(q, k, v, seg, out, lse, do, cfg)
-  return dq, dk, dv, jax.tree.map(lambda _: None, seg)
+  q, k, v, aux, out, lse = res
+  dq, dk, dv = _bwd_call(q, k, v, aux, out, lse, do, cfg)
+  return dq, dk, dv, jax.tree.map(lambda _: None, aux)
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def _block_min_max(x, blk: int):
+  """Per-block (min, max) of x [batch, S] over blocks of blk: [batch, S/blk]."""
+  x = x.reshape(x.shape[0], -1, blk)
+  return jnp.min(x, axis=2), jnp.max(x, axis=2)
+
+
+def _order_bounds(ids, seg, row_blk: int, col_blk: int, *,
+                  rows_are_queries: bool):
+  """Inner-loop bounds of the order-id mode: int32 [batch, n_rows, 4].
+
+  A kernel program owns one block of rows (queries for fwd / dQ, keys for
+  dK/dV) and loops over column blocks. From per-block min / max of the order
+  ids (and segment ids), entry (lo, mid, hi, 0) of a row block says: column
+  blocks outside [lo, hi) are fully masked (no visible pair: skipped); in
+  fwd / dQ, blocks [lo, mid) need no order mask and [mid, hi) do; in dK/dV
+  (columns are queries, walked upwards) [lo, mid) need it and [mid, hi) not.
+
+  Exact for any ids; it skips the most when the ids are non-decreasing along
+  T (every `jaxar.models.masks` kind), where it equals the causal schedule
+  for ids = arange(T) and costs about as much for block-causal ids.
+  ids, seg: int32 [batch, S] (seg may be None), padded like the kernels see
+  them.
+  """
+  r_min, r_max = _block_min_max(ids, row_blk)          # [B, R]
+  c_min, c_max = _block_min_max(ids, col_blk)          # [B, C]
+  r_min, r_max = r_min[:, :, None], r_max[:, :, None]  # [B, R, 1]
+  c_min, c_max = c_min[:, None, :], c_max[:, None, :]  # [B, 1, C]
+  if rows_are_queries:
+    (q_min, q_max), (k_min, k_max) = (r_min, r_max), (c_min, c_max)
+  else:
+    (q_min, q_max), (k_min, k_max) = (c_min, c_max), (r_min, r_max)
+  order_dead = k_min > q_max              # no key of the block visible
+  needs_mask = k_max > q_min              # some key hidden from some query
+  if seg is not None:
+    rs_min, rs_max = _block_min_max(seg, row_blk)
+    cs_min, cs_max = _block_min_max(seg, col_blk)
+    seg_dead = ((cs_max[:, None, :] < rs_min[:, :, None])
+                | (cs_min[:, None, :] > rs_max[:, :, None]))
+  else:
+    seg_dead = jnp.zeros_like(order_dead)
+  live = ~(order_dead | seg_dead)                       # [B, R, C]
+  # Blocks whose order mask matters (seg-dead ones are zeroed by the segment
+  # mask, which every block applies).
+  masked = needs_mask & ~seg_dead
+  n = live.shape[2]
+  col = jnp.arange(n, dtype=jnp.int32)
+  lo = jnp.min(jnp.where(live, col, n), axis=2)
+  hi = jnp.maximum(jnp.max(jnp.where(live, col + 1, 0), axis=2), lo)
+  if rows_are_queries:  # first masked block at or after lo
+    mid = jnp.min(jnp.where(masked & (col >= lo[..., None]), col,
+                            hi[..., None]), axis=2)
+  else:                 # one past the last masked block before hi
+    mid = jnp.max(jnp.where(masked & (col < hi[..., None]), col + 1,
+                            lo[..., None]), axis=2)
+  mid = jnp.clip(mid, lo, hi)
+  return jnp.stack([lo, mid, hi, jnp.zeros_like(lo)], axis=-1).astype(
+      jnp.int32)
 
 
 def _pad_axis(x, axis: int, size: int, value=0):
@@ -548,7 +685,7 @@ def _round_up(x: int, m: int) -> int:
   return -(-x // m) * m
 
 
-def _check_inputs(q, k, v, segment_ids):
+def _check_inputs(q, k, v, segment_ids, block_ids=None, causal=True):
   for name, x in (("q", q), ("k", k), ("v", v)):
     if getattr(x, "ndim", None) != 4:
       raise ValueError(
@@ -586,6 +723,20 @@ def _check_inputs(q, k, v, segment_ids):
     if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
       raise ValueError("flash_attention: segment_ids must be integers, got "
                        f"{segment_ids.dtype}")
+  if block_ids is not None:
+    if not causal:
+      raise ValueError("flash_attention: block_ids define the mask; pass "
+                       "causal=True with them (all-equal ids: bidirectional)")
+    if q.shape[1] != k.shape[1]:
+      raise ValueError("flash_attention: block_ids require seq_q == seq_k, "
+                       f"got {q.shape[1]} and {k.shape[1]}")
+    if getattr(block_ids, "shape", None) != q.shape[:2]:
+      raise ValueError(
+          f"flash_attention: block_ids must have shape [batch, seq] = "
+          f"{q.shape[:2]}, got {getattr(block_ids, 'shape', None)}")
+    if not jnp.issubdtype(block_ids.dtype, jnp.integer):
+      raise ValueError("flash_attention: block_ids must be integers, got "
+                       f"{block_ids.dtype}")
 
 
 def _check_block(name: str, b: int):
@@ -594,7 +745,8 @@ def _check_block(name: str, b: int):
 
 
 def flash_attention(q, k, v, *, causal: bool = True, segment_ids=None,
-                    sm_scale: float | None = None, block_q: int | None = None,
+                    block_ids=None, sm_scale: float | None = None,
+                    block_q: int | None = None,
                     block_k: int | None = None, interpret: bool = False,
                     num_warps: int | None = None,
                     num_stages: int | None = None, backend: str | None = None):
@@ -606,6 +758,15 @@ def flash_attention(q, k, v, *, causal: bool = True, segment_ids=None,
     causal: top-left aligned causal mask (query i sees keys j <= i).
     segment_ids: optional int ``[batch, seq]`` (requires seq_q == seq_k);
       tokens only attend to tokens with the same id.
+    block_ids: optional int ``[batch, seq]`` order ids (requires seq_q ==
+      seq_k and causal=True): key j is visible to query i iff
+      ``block_ids[j] <= block_ids[i]`` (and same segment), replacing the
+      position-causal mask: arange(T) is causal, all-equal ids bidirectional,
+      block ids block-causal, 0 on a prefix then t prefix-LM (see
+      ``jaxar.models.masks``). Fully masked key blocks are skipped exactly for
+      any ids, which saves the most where the ids are non-decreasing along T
+      (then block-causal costs about what causal does); other ids stay
+      correct, with less skipping.
     sm_scale: softmax scale, default ``1/sqrt(head_dim)``.
     block_q, block_k: tile sizes (powers of two). Defaults 128/64 (H100),
       128/128 on TPU, clamped to the padded sequence length for short inputs.
@@ -617,7 +778,7 @@ def flash_attention(q, k, v, *, causal: bool = True, segment_ids=None,
   Returns:
     ``[batch, seq_q, heads, head_dim]`` in ``q.dtype``.
   """
-  _check_inputs(q, k, v, segment_ids)
+  _check_inputs(q, k, v, segment_ids, block_ids, causal)
   backend = _resolve_backend(backend, "flash_attention")
   tpu = backend == "mosaic_tpu"
   batch, seq_q, heads, head_dim = q.shape
@@ -640,13 +801,13 @@ def flash_attention(q, k, v, *, causal: bool = True, segment_ids=None,
   tile = max(block_q, block_k)
   sq_pad, sk_pad = _round_up(seq_q, tile), _round_up(seq_k, tile)
   d_pad = max(_next_pow2(head_dim), min_block)
-  if (tpu and segment_ids is not None and block_q % TPU_BLOCK
-      and sk_pad > block_q):
+  if (tpu and (segment_ids is not None or block_ids is not None)
+      and block_q % TPU_BLOCK and sk_pad > block_q):
     # The dK/dV kernel's segment-id row block is lane-dim: 128-aligned or whole.
     raise ValueError(
-        f"flash_attention: on TPU with segment_ids, block_q must be a multiple"
-        f" of {TPU_BLOCK} when the sequence ({seq_k}) is longer than it (got "
-        f"block_q={block_q}); leave block_q=None for the default")
+        f"flash_attention: on TPU with segment_ids / block_ids, block_q must "
+        f"be a multiple of {TPU_BLOCK} when the sequence ({seq_k}) is longer "
+        f"than it (got block_q={block_q}); leave block_q=None for the default")
 
   cfg = _Config(causal=bool(causal), sm_scale=float(sm_scale),
                 block_q=block_q, block_k=block_k,
@@ -654,28 +815,48 @@ def flash_attention(q, k, v, *, causal: bool = True, segment_ids=None,
                 seq_q=seq_q, seq_k=seq_k,
                 groups=heads // kv_heads, has_segments=segment_ids is not None,
                 interpret=bool(interpret), num_warps=num_warps,
-                num_stages=num_stages, tpu=tpu)
-  return _flash_padded(q, k, v, segment_ids, cfg, sq_pad, sk_pad, d_pad)
+                num_stages=num_stages, tpu=tpu,
+                has_ids=block_ids is not None)
+  return _flash_padded(q, k, v, segment_ids, block_ids, cfg, sq_pad, sk_pad,
+                       d_pad)
 
 
-@functools.partial(jax.jit, static_argnums=(4, 5, 6, 7))
-def _flash_padded(q, k, v, segment_ids, cfg, sq_pad, sk_pad, d_pad):
+@functools.partial(jax.jit, static_argnums=(5, 6, 7, 8))
+def _flash_padded(q, k, v, segment_ids, block_ids, cfg, sq_pad, sk_pad, d_pad):
   seq_q, head_dim = q.shape[1], q.shape[3]
   qp = _pad_axis(_pad_axis(q, 1, sq_pad), 3, d_pad)
   kp = _pad_axis(_pad_axis(k, 1, sk_pad), 3, d_pad)
   vp = _pad_axis(_pad_axis(v, 1, sk_pad), 3, d_pad)
-  seg = None
+  seg = ids = bounds = None
   if segment_ids is not None:
     seg = _pad_axis(segment_ids.astype(jnp.int32), 1, sq_pad, value=-1)
+  if block_ids is not None:
+    # Padding repeats the last id: keeps non-decreasing ids non-decreasing
+    # (padded keys are masked anyway, padded queries are dropped).
+    ids = block_ids.astype(jnp.int32)
+    ids = jnp.pad(ids, ((0, 0), (0, sq_pad - seq_q)), mode="edge")
+    bq, bk, bb = cfg.block_q, cfg.block_k, cfg.block_bwd
+    bounds = (_order_bounds(ids, seg, bq, bk, rows_are_queries=True),
+              _order_bounds(ids, seg, bq, bb, rows_are_queries=True),
+              _order_bounds(ids, seg, bq, bb, rows_are_queries=False))
+    if cfg.tpu:  # flat, for SMEM
+      bounds = tuple(b.reshape(-1) for b in bounds)
+
+  def copies(x):
+    """(column source, row source): a lane-broadcast column copy and a
+    sublane-broadcast row copy on TPU, the array itself twice on GPU."""
+    if x is None or not cfg.tpu:
+      return None if x is None else (x, x)
+    return (jnp.broadcast_to(x[:, :, None], x.shape + (_LANES,)),
+            jnp.broadcast_to(x[:, None, :], (x.shape[0], _SUBLANES,
+                                             x.shape[1])))
+
+  aux = _Aux(copies(seg), copies(ids), bounds)
   if cfg.tpu:
     to_bhsd = lambda x: jnp.swapaxes(x, 1, 2)
-    if seg is not None:  # a lane-broadcast column copy and a row copy
-      seg = (jnp.broadcast_to(seg[:, :, None], seg.shape + (_LANES,)),
-             jnp.broadcast_to(seg[:, None, :],
-                              (seg.shape[0], _SUBLANES, seg.shape[1])))
-    out = to_bhsd(_flash(to_bhsd(qp), to_bhsd(kp), to_bhsd(vp), seg, cfg))
+    out = to_bhsd(_flash(to_bhsd(qp), to_bhsd(kp), to_bhsd(vp), aux, cfg))
   else:
-    out = _flash(qp, kp, vp, seg, cfg)
+    out = _flash(qp, kp, vp, aux, cfg)
   return out[:, :seq_q, :, :head_dim]
 
 
