@@ -882,7 +882,7 @@ def masked_attention_reference(q, k, v, mask, *, sm_scale=None):
 
 
 def flash_attention_reference(q, k, v, *, causal: bool = True, segment_ids=None,
-                              sm_scale: float | None = None):
+                              block_ids=None, sm_scale: float | None = None):
   """Plain jnp attention, same semantics as :func:`flash_attention`.
 
   Computes in ``promote_types(q.dtype, float32)`` (float64 under x64 when the
@@ -891,7 +891,9 @@ def flash_attention_reference(q, k, v, *, causal: bool = True, segment_ids=None,
   batch, seq_q = q.shape[:2]
   seq_k = k.shape[1]
   mask = jnp.ones((batch, seq_q, seq_k), bool)
-  if causal:
+  if block_ids is not None:
+    mask &= block_ids[:, None, :] <= block_ids[:, :, None]
+  elif causal:
     mask &= (jnp.arange(seq_q)[:, None] >= jnp.arange(seq_k)[None, :])
   if segment_ids is not None:
     mask &= segment_ids[:, :, None] == segment_ids[:, None, :]

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from pallas_kernels.flash_attention import (flash_attention,
-                                            flash_attention_reference)
+                                            flash_attention_reference,
+                                            masked_attention_reference)
 
 from tests.kernel_testing import (ON_GPU, TRITON_SKIP_REASON, _rel, _run,  # noqa: F401
                                   _x64, triton_lowering_available)
@@ -138,13 +139,22 @@ def test_reference_matches_naive_loop():
     (dict(q=(1, 8, 2, 16), k=(1, 8, 2, 16), block_q=24), "power of two"),
     (dict(q=(1, 8, 2, 16), k=(1, 8, 2, 16), kdtype=jnp.bfloat16),
      "dtypes must match"),
+    (dict(q=(1, 8, 2, 16), k=(1, 8, 2, 16), ids=(1, 7)), "block_ids must"),
+    (dict(q=(1, 8, 2, 16), k=(1, 9, 2, 16), ids=(1, 8)), "seq_q == seq_k"),
+    (dict(q=(1, 8, 2, 16), k=(1, 8, 2, 16), ids=(1, 8), causal=False),
+     "pass causal=True"),
+    (dict(q=(1, 8, 2, 16), k=(1, 8, 2, 16), ids=(1, 8), ids_dtype=jnp.float32),
+     "block_ids must be integers"),
 ])
 def test_bad_inputs(kwargs, match):
   q = jnp.zeros(kwargs["q"], jnp.float32)
   k = jnp.zeros(kwargs["k"], kwargs.get("kdtype", jnp.float32))
   seg = (jnp.zeros(kwargs["seg"], jnp.int32) if "seg" in kwargs else None)
+  ids = (jnp.zeros(kwargs["ids"], kwargs.get("ids_dtype", jnp.int32))
+         if "ids" in kwargs else None)
   with pytest.raises(ValueError, match=match):
-    flash_attention(q, k, k, segment_ids=seg,
+    flash_attention(q, k, k, segment_ids=seg, block_ids=ids,
+                    causal=kwargs.get("causal", True),
                     block_q=kwargs.get("block_q"), interpret=True)
 
 
@@ -181,3 +191,205 @@ def test_gpu_compiled(dtype, tol):
   for g, rg in zip(grads, ref_grads):
     assert _rel(g.astype(jnp.float32), rg) < tol * 2
 
+
+
+# ----------------------------------------------------------------------------
+# Order ids (block_ids): key j visible to query i iff ids[j] <= ids[i].
+# ----------------------------------------------------------------------------
+def _var_ids(scales, batch):
+  """Block ids of next-scale (VAR) token maps: scale s holds scales[s] tokens."""
+  return np.repeat(np.repeat(np.arange(len(scales)), scales)[None], batch, 0)
+
+
+def _order_ids(kind, b, t, rng):
+  """[b, t] int32 order ids of each mask kind, built independently of
+  jaxar.models.masks."""
+  if kind == "causal":
+    ids = np.repeat(np.arange(t)[None], b, 0)
+  elif kind == "bidirectional":
+    ids = np.zeros((b, t))
+  elif kind == "var":  # VAR scales 1, 4, 9, 16 (t == 30)
+    ids = _var_ids([1, 4, 9, 16], b)
+  elif kind == "prefix":  # prefix lengths 5 and t - 3, then causal
+    ids = np.repeat(np.arange(t)[None], b, 0)
+    for row, p in enumerate([5, t - 3][:b]):
+      ids[row, :p] = 0
+  elif kind == "restarting":  # block ids that restart per packed document
+    ids = np.concatenate([_var_ids([1, 4, 9], b), _var_ids([2, 2, 2, 3, 7], b)],
+                         axis=1)[:, :t]
+  else:  # "random": not monotone
+    ids = rng.integers(0, 5, (b, t))
+  return np.asarray(ids, np.int32)
+
+
+def _order_mask_loop(ids, seg):
+  """[b, t, t] bool spelled out: ids[j] <= ids[i] and same segment."""
+  b, t = ids.shape
+  mask = np.zeros((b, t, t), bool)
+  for r in range(b):
+    for i in range(t):
+      for j in range(t):
+        mask[r, i, j] = (ids[r, j] <= ids[r, i]
+                         and (seg is None or seg[r, i] == seg[r, j]))
+  return mask
+
+
+def _masked_reference_vjp(q, k, v, ct, mask):
+  """Output and (dq, dk, dv) of sum(out * ct) in float64 for a dense mask."""
+  with _x64():
+    args = [jnp.asarray(np.asarray(x, np.float64)) for x in (q, k, v, ct)]
+
+    def run(q, k, v, ct, mask):
+      f = lambda q, k, v: masked_attention_reference(q, k, v, mask)
+      out, vjp = jax.vjp(f, q, k, v)
+      return out, vjp(ct)
+
+    out, grads = _run(run, *args, jnp.asarray(mask))
+    return np.asarray(out), [np.asarray(g) for g in grads]
+
+
+def _check_block_ids_case(kind, b, t, h, kh, d, segments, block_q, block_k,
+                          backend="triton"):
+  """Kernel forward + gradients with block_ids vs the float64 dense reference."""
+  q, k, v, ct, seg = _inputs(5, b, t, t, h, kh, d, segments=segments)
+  if kind == "restarting":  # documents of length 14 and the rest
+    seg = jnp.asarray(np.repeat((np.arange(t) >= 14)[None], b, 0).astype(
+        np.int32))
+  ids = _order_ids(kind, b, t, np.random.default_rng(1))
+  f = functools.partial(flash_attention, segment_ids=seg,
+                        block_ids=jnp.asarray(ids), block_q=block_q,
+                        block_k=block_k, interpret=True, backend=backend)
+
+  def run(q, k, v, ct):
+    out, vjp = jax.vjp(f, q, k, v)
+    return out, vjp(ct)
+
+  out, grads = _run(run, q, k, v, ct)
+  mask = _order_mask_loop(ids, None if seg is None else np.asarray(seg))
+  ref_out, ref_grads = _masked_reference_vjp(q, k, v, ct, mask)
+  assert out.shape == q.shape and out.dtype == q.dtype
+  assert _rel(out, ref_out) < 1e-4
+  for name, g, rg, x in zip("qkv", grads, ref_grads, (q, k, v)):
+    assert g.shape == x.shape and g.dtype == x.dtype, name
+    err = _rel(g, rg)
+    assert err < 1e-4, f"d{name}: rel err {err}"
+
+
+# (kind, batch, T, heads, kv_heads, head_dim, segments, block_q, block_k)
+BLOCK_IDS_CASES = [
+    # causal through ids, odd length, GQA 4/2, segments
+    pytest.param("causal", 2, 37, 4, 2, 16, True, 16, 16, id="causal-ids"),
+    # all-equal ids: bidirectional, MQA, segments
+    pytest.param("bidirectional", 2, 24, 4, 1, 16, True, 16, 16,
+                 id="bidirectional"),
+    # VAR scales 1, 4, 9, 16: uneven blocks across tile edges, GQA 4/2
+    pytest.param("var", 2, 30, 4, 2, 16, False, 16, 16, id="var-scales"),
+    # block_q != block_k (backward chunk 16 < key tile 32), segments
+    pytest.param("var", 2, 30, 2, 1, 16, True, 32, 16, id="var-segments"),
+    # prefix-LM, prefixes 5 and 37 of 40, GQA 4/2
+    pytest.param("prefix", 2, 40, 4, 2, 16, False, 32, 16, id="prefix"),
+    # ids restarting per packed document (not monotone) + segments
+    pytest.param("restarting", 1, 30, 2, 2, 16, False, 16, 16,
+                 id="restarting-per-document"),
+    # random (non-monotone) ids, default blocks
+    pytest.param("random", 1, 45, 2, 1, 16, False, None, None,
+                 id="random-default-blocks"),
+]
+
+
+@pytest.mark.parametrize("kind,b,t,h,kh,d,segments,block_q,block_k",
+                         BLOCK_IDS_CASES)
+def test_block_ids_forward_and_gradients(kind, b, t, h, kh, d, segments,
+                                         block_q, block_k):
+  _check_block_ids_case(kind, b, t, h, kh, d, segments, block_q, block_k)
+
+
+def test_block_ids_arange_equals_causal():
+  q, k, v, _, seg = _inputs(6, 2, 37, 37, 4, 2, 16, segments=True)
+  ids = jnp.broadcast_to(jnp.arange(37), (2, 37))
+  kw = dict(segment_ids=seg, block_q=16, block_k=16, interpret=True)
+  by_ids = _run(lambda q, k, v: flash_attention(q, k, v, block_ids=ids, **kw),
+                q, k, v)
+  causal = _run(lambda q, k, v: flash_attention(q, k, v, causal=True, **kw),
+                q, k, v)
+  np.testing.assert_allclose(np.asarray(by_ids), np.asarray(causal),
+                             rtol=1e-6, atol=1e-6)
+
+
+def _live_pairs(ids, seg, rows, cols, r, c, rows_are_queries):
+  """(any visible pair, any order-hidden pair) of row block r x col block c."""
+  q_idx, k_idx = (rows, cols) if rows_are_queries else (cols, rows)
+  qs = range(q_idx * 0 + (r if rows_are_queries else c) * q_idx,
+             ((r if rows_are_queries else c) + 1) * q_idx)
+  ks = range((c if rows_are_queries else r) * k_idx,
+             ((c if rows_are_queries else r) + 1) * k_idx)
+  same = lambda i, j: seg is None or seg[i] == seg[j]
+  visible = any(ids[j] <= ids[i] and same(i, j) for i in qs for j in ks)
+  hidden = any(ids[j] > ids[i] and same(i, j) for i in qs for j in ks)
+  return visible, hidden
+
+
+@pytest.mark.parametrize("kind,segments", [("var", False), ("prefix", True),
+                                           ("random", True),
+                                           ("restarting", False)])
+@pytest.mark.parametrize("rows_are_queries", [True, False])
+def test_order_bounds_skip_only_masked_blocks(kind, segments, rows_are_queries):
+  """Skipped blocks hold no visible pair; unmasked loops no hidden pair."""
+  from pallas_kernels.flash_attention import _order_bounds  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(3)
+  ids = _order_ids(kind, 2, 30, rng)
+  ids = np.pad(ids, ((0, 0), (0, 2)), mode="edge")          # 32 = 4 x 8
+  seg = (np.sort(rng.integers(0, 3, (2, 32)), axis=1) if segments else None)
+  rows, cols = 16, 8
+  bounds = np.asarray(_order_bounds(
+      jnp.asarray(ids), None if seg is None else jnp.asarray(seg, jnp.int32),
+      rows, cols, rows_are_queries=rows_are_queries))
+  assert bounds.shape == (2, 32 // rows, 4)
+  for b in range(2):
+    for r in range(32 // rows):
+      lo, mid, hi, _ = bounds[b, r]
+      assert 0 <= lo <= mid <= hi <= 32 // cols
+      for c in range(32 // cols):
+        visible, hidden = _live_pairs(ids[b], None if seg is None else seg[b],
+                                      rows, cols, r, c, rows_are_queries)
+        if not lo <= c < hi:
+          assert not visible, (b, r, c)
+        unmasked = (lo <= c < mid) if rows_are_queries else (mid <= c < hi)
+        if unmasked:
+          assert not hidden, (b, r, c)
+
+
+def test_order_bounds_visit_only_live_blocks():
+  """For non-decreasing ids the loops visit exactly the (query tile, key
+  block) pairs holding a visible pair: ids = arange gives the causal
+  schedule, VAR scales (1, 4, ..., 256 tokens) at T=1024 no more than needed."""
+  from pallas_kernels.flash_attention import _order_bounds  # pylint: disable=g-import-not-at-top
+  scales = [n * n for n in (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)]
+  var = _var_ids(scales + [1024 - sum(scales)], 1)[0]
+  for ids in (np.arange(1024), var):
+    bounds = np.asarray(_order_bounds(jnp.asarray(ids[None], jnp.int32), None,
+                                      128, 64, rows_are_queries=True))[0]
+    # a key block is live for a query tile iff its first id <= the tile's last
+    live = [sum(ids[c * 64] <= ids[r * 128 + 127] for c in range(16))
+            for r in range(8)]
+    np.testing.assert_array_equal(bounds[:, 2] - bounds[:, 0], live)
+  causal = np.asarray(_order_bounds(jnp.arange(1024)[None], None, 128, 64,
+                                    rows_are_queries=True))[0]
+  np.testing.assert_array_equal(causal[:, 2], 2 * np.arange(1, 9))
+  np.testing.assert_array_equal(causal[:, 1], 2 * np.arange(8))
+
+
+@pytest.mark.skipif(not triton_lowering_available(), reason=TRITON_SKIP_REASON)
+@pytest.mark.parametrize("d", [64, 128])
+def test_block_ids_triton_lowering(d):
+  """Fwd + bwd with block ids (and segments) lower through Triton at a real
+  model shape."""
+  q = jax.ShapeDtypeStruct((2, 1024, 16, d), jnp.bfloat16)
+  k = jax.ShapeDtypeStruct((2, 1024, 4, d), jnp.bfloat16)
+  ids = jax.ShapeDtypeStruct((2, 1024), jnp.int32)
+  loss = lambda q, k, v, s, i: flash_attention(
+      q, k, v, segment_ids=s, block_ids=i).astype(jnp.float32).sum()
+  fn = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+  text = fn.trace(q, k, k, ids, ids).lower(
+      lowering_platforms=("cuda",)).as_text()
+  assert text.count("triton") >= 3  # fwd, dk/dv, dq kernels

@@ -40,6 +40,18 @@ def test_flash_attention_tpu_layout(b, sq, sk, h, kh, d, causal, segments):
     assert _rel(g, rg) < 1e-4, name
 
 
+@pytest.mark.parametrize("kind,b,t,h,kh,d,segments", [
+    pytest.param("var", 2, 30, 4, 2, 16, True, id="var-scales-segments"),
+    # two 128-row tiles per row: per-(row, tile) bounds from the flat SMEM array
+    pytest.param("prefix", 2, 250, 4, 1, 16, True, id="prefix-mqa-two-tiles"),
+    pytest.param("random", 1, 37, 2, 2, 16, False, id="random-ids"),
+])
+def test_flash_attention_block_ids_tpu_layout(kind, b, t, h, kh, d, segments):
+  """Block ids (order ids) in the TPU layout: loop bounds from SMEM."""
+  tfa._check_block_ids_case(kind, b, t, h, kh, d, segments, None, None,
+                            backend="mosaic_tpu")
+
+
 @pytest.mark.parametrize("b,t,h,kh,d,max_len,lengths,tree,num_splits", [
     pytest.param(3, 1, 4, 2, 16, 45, [45, 7, 1], False, None, id="T1-gqa"),
     pytest.param(2, 5, 8, 2, 16, 40, [5, 33], True, 2, id="T5-tree-splits"),
@@ -73,6 +85,23 @@ def test_flash_attention_lowers_to_mosaic_tpu():
       jnp.float32).sum()
   # forward (recomputed for the residuals), dK/dV and dQ
   assert _tpu_kernels(jax.grad(loss, argnums=(0, 1, 2)), q, k, k, seg) == 3
+
+
+@pytest.mark.parametrize("d,segments", [(64, True), (128, False)])
+def test_flash_attention_block_ids_lower_to_mosaic_tpu(d, segments):
+  """Block-ids kernels (fwd, dK/dV, dQ) at a real model shape."""
+  q = jax.ShapeDtypeStruct((2, 1024, 16, d), jnp.bfloat16)
+  k = jax.ShapeDtypeStruct((2, 1024, 4, d), jnp.bfloat16)
+  ids = jax.ShapeDtypeStruct((2, 1024), jnp.int32)
+  seg = ids if segments else None
+  attn = functools.partial(flash_attention, backend="mosaic_tpu")
+  assert _tpu_kernels(lambda q, k, v, s, i: attn(q, k, v, segment_ids=s,
+                                                 block_ids=i),
+                      q, k, k, seg, ids) == 1
+  loss = lambda q, k, v, s, i: attn(q, k, v, segment_ids=s,
+                                    block_ids=i).astype(jnp.float32).sum()
+  assert _tpu_kernels(jax.grad(loss, argnums=(0, 1, 2)), q, k, k, seg,
+                      ids) == 3
 
 
 @pytest.mark.parametrize("tree", [False, True])
