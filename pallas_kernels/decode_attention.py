@@ -5,8 +5,10 @@
 ``lengths [batch]`` counts the valid entries per row *including* the T new
 ones (already written). Query t of row b sits at position
 ``lengths[b] - T + t`` and sees cache positions ``<=`` its own
-(bottom-right-aligned causal), or, with ``tree_mask [batch, T, T]``, every
-earlier position plus the new positions j with ``tree_mask[b, t, j]``.
+(bottom-right-aligned causal); with ``new="bidirectional"`` every one of the T
+new positions (a VAR scale, a diffusion block; the same as an all-ones tree);
+with ``tree_mask [batch, T, T]`` every earlier position plus the new positions
+j with ``tree_mask[b, t, j]``.
 
 Kernel layout: grid ``(batch, kv_heads, num_splits)``. The T new positions
 and the G query heads sharing a KV head are folded into the rows of one
@@ -45,6 +47,7 @@ DEFAULT_BLOCK_K = 128
 _MIN_TILE = 16          # Triton dot tiles need >= 16 rows / cols.
 _TARGET_PROGRAMS = 528  # ~4 programs per SM on an H100 (132 SMs).
 _MAX_SPLITS = 64
+NEW_PATTERNS = ("causal", "bidirectional")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +61,7 @@ class _Config:
   num_splits: int
   max_len: int
   tree_words: int      # 0: causal among new positions, else 32-bit words
+  bidirectional: bool  # (no tree) the new positions see each other fully
   interpret: bool
   num_warps: int | None
   num_stages: int | None
@@ -98,9 +102,11 @@ def _attend_split(cfg: _Config, q, load_k, load_v, tree_word, length, lo, hi):
               jnp.broadcast_to(word, (rows, bk)),
               jnp.broadcast_to(jnp.clip(jw, 0, 31), (rows, bk))) & 1
           vis = vis | (in_word & (bit == 1))
+      elif cfg.bidirectional:
+        vis = None                                           # valid suffices
       else:
         vis = k_pos <= q_pos
-      s = jnp.where(valid & vis, s, MASK_VALUE)
+      s = jnp.where(valid if vis is None else valid & vis, s, MASK_VALUE)
       # Slots past the length may hold anything (even NaN/inf): p == 0
       # there, but 0 * NaN is NaN, so zero those V rows too.
       row_pos = start + lax.broadcasted_iota(jnp.int32, (bk, 1), 0)
@@ -363,7 +369,8 @@ def _check_inputs(q, k, v, lengths, tree_mask):
 
 
 def decode_attention(q, k, v, lengths, *, sm_scale: float | None = None,
-                     tree_mask=None, num_splits: int | None = None,
+                     tree_mask=None, new: str = "causal",
+                     num_splits: int | None = None,
                      block_k: int | None = None, interpret: bool = False,
                      num_warps: int | None = None,
                      num_stages: int | None = None,
@@ -378,6 +385,8 @@ def decode_attention(q, k, v, lengths, *, sm_scale: float | None = None,
     sm_scale: default ``1/sqrt(head_dim)``.
     tree_mask: optional bool ``[batch, T, T]``; replaces the causal pattern
       among the new positions (each row should at least see itself).
+    new: pattern among the T new positions without a tree: "causal", or
+      "bidirectional" (each sees all T: a VAR scale, a diffusion block).
     num_splits: key-range splits per (row, kv head); default from a heuristic
       that targets enough programs to fill an H100.
     block_k: key tile (power of two, default 128, clamped to max_len).
@@ -392,6 +401,9 @@ def decode_attention(q, k, v, lengths, *, sm_scale: float | None = None,
     from the cache dtype, q is cast to the cache dtype for the matmuls.
   """
   _check_inputs(q, k, v, lengths, tree_mask)
+  if new not in NEW_PATTERNS:
+    raise ValueError(f"decode_attention: new must be one of {NEW_PATTERNS}, "
+                     f"got {new!r}")
   tpu = _resolve_backend(backend, "decode_attention") == "mosaic_tpu"
   batch, t, heads, head_dim = q.shape
   max_len, kv_heads = k.shape[1], k.shape[2]
@@ -423,19 +435,22 @@ def decode_attention(q, k, v, lengths, *, sm_scale: float | None = None,
       rows=max(_MIN_TILE, _next_pow2(t * groups)), block_k=block_k,
       blocks_per_split=blocks_per_split, num_splits=num_splits,
       max_len=padded_len, tree_words=0 if tree_mask is None else -(-t // 32),
+      bidirectional=tree_mask is None and new == "bidirectional",
       interpret=bool(interpret), num_warps=num_warps, num_stages=num_stages,
       tpu=tpu)
   return _decode(q, k, v, lengths, tree_mask, cfg)
 
 
 def decode_attention_reference(q, k, v, lengths, *, sm_scale=None,
-                               tree_mask=None):
+                               tree_mask=None, new: str = "causal"):
   """Plain jnp version of :func:`decode_attention` (computes in
   ``promote_types(q.dtype, float32)`` and returns that dtype)."""
   batch, t = q.shape[:2]
   max_len = k.shape[1]
   lengths = jnp.asarray(lengths)
   q_pos = lengths[:, None] - t + jnp.arange(t)[None, :]          # [B, T]
+  if new == "bidirectional":  # every new position sees the last one's view
+    q_pos = jnp.broadcast_to(lengths[:, None] - 1, q_pos.shape)
   k_pos = jnp.arange(max_len)
   mask = k_pos[None, None, :] <= q_pos[:, :, None]               # [B, T, S]
   if tree_mask is not None:

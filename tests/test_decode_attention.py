@@ -34,12 +34,12 @@ def _inputs(seed, b, t, h, kh, d, max_len, dtype=jnp.float32):
                for s in shapes)
 
 
-def _reference(q, k, v, lengths, tree_mask=None, sm_scale=None):
+def _reference(q, k, v, lengths, tree_mask=None, sm_scale=None, new="causal"):
   with _x64():
     args = [jnp.asarray(np.asarray(x, np.float64)) for x in (q, k, v)]
     tm = None if tree_mask is None else jnp.asarray(np.asarray(tree_mask))
     fn = lambda q, k, v, n, tm: decode_attention_reference(
-        q, k, v, n, tree_mask=tm, sm_scale=sm_scale)
+        q, k, v, n, tree_mask=tm, sm_scale=sm_scale, new=new)
     return np.asarray(_run(fn, *args, jnp.asarray(np.asarray(lengths)), tm))
 
 
@@ -109,7 +109,7 @@ def test_bf16_cache(q_dtype):
   assert _rel(out.astype(jnp.float32), ref) < 2e-2
 
 
-def _naive(q, k, v, lengths, tree_mask=None):
+def _naive(q, k, v, lengths, tree_mask=None, new="causal"):
   """Per-query numpy loop: the semantics spelled out."""
   b, t, h, d = q.shape
   g = h // k.shape[2]
@@ -117,7 +117,9 @@ def _naive(q, k, v, lengths, tree_mask=None):
   for bi in range(b):
     base = int(lengths[bi]) - t
     for ti in range(t):
-      if tree_mask is None:
+      if tree_mask is None and new == "bidirectional":
+        js = list(range(base + t))
+      elif tree_mask is None:
         js = list(range(base + ti + 1))
       else:
         js = list(range(base)) + [base + j for j in range(t)
@@ -127,6 +129,31 @@ def _naive(q, k, v, lengths, tree_mask=None):
         p = np.exp(s / np.sqrt(d) - np.max(s / np.sqrt(d)))
         out[bi, ti, hq] = (p / p.sum()) @ v[bi, js, hq // g]
   return out
+
+
+@pytest.mark.parametrize("b,t,h,kh,max_len,lengths,num_splits,block_k", [
+    # GQA 4/2, lengths == T row, 2 splits
+    pytest.param(3, 5, 4, 2, 40, [5, 33, 21], 2, 16, id="T5-gqa-splits"),
+    # T=40 (a tree would need two 32-bit words), MQA, default blocks
+    pytest.param(2, 40, 2, 1, 70, [40, 61], None, None, id="T40-mqa"),
+])
+def test_bidirectional_new_block(b, t, h, kh, max_len, lengths, num_splits,
+                                 block_k):
+  """The T new positions see each other fully (a VAR scale, a diffusion
+  block): new="bidirectional" and an all-ones tree mask both give it."""
+  q, k, v = _inputs(11, b, t, h, kh, 16, max_len)
+  lengths = np.asarray(lengths, np.int32)
+  want = _naive(*(np.asarray(x, np.float64) for x in (q, k, v)), lengths,
+                new="bidirectional")
+  ones = jnp.ones((b, t, t), bool)
+  run = lambda **kw: _run(lambda q, k, v, n: decode_attention(
+      q, k, v, n, num_splits=num_splits, block_k=block_k, interpret=True,
+      **kw), q, k, v, jnp.asarray(lengths))
+  assert _rel(run(new="bidirectional"), want) < 1e-4
+  assert _rel(run(tree_mask=ones), want) < 1e-4
+  np.testing.assert_allclose(
+      _reference(q, k, v, lengths, new="bidirectional"), want, rtol=1e-10,
+      atol=1e-10)
 
 
 @pytest.mark.parametrize("tree", [False, True])
@@ -164,6 +191,7 @@ def test_decode_reference_matches_prefill_reference():
     (dict(tree=(2, 4, 3)), "tree_mask must have shape"),
     (dict(block_k=24), "power of two"),
     (dict(vdtype=jnp.bfloat16), "k and v dtypes must match"),
+    (dict(new="tree"), "new must be one of"),
 ])
 def test_bad_inputs(change, match):
   q = jnp.zeros(change.get("q", (2, 3, 4, 16)), jnp.float32)
@@ -173,18 +201,21 @@ def test_bad_inputs(change, match):
   v = k.astype(change.get("vdtype", k.dtype))
   with pytest.raises(ValueError, match=match):
     decode_attention(q, k, v, lengths, tree_mask=tree,
+                     new=change.get("new", "causal"),
                      block_k=change.get("block_k"), interpret=True)
 
 
 @pytest.mark.skipif(not triton_lowering_available(), reason=TRITON_SKIP_REASON)
-@pytest.mark.parametrize("t,tree,d", [(1, False, 128), (5, True, 80)])
-def test_triton_lowering(t, tree, d):
+@pytest.mark.parametrize("t,tree,d,new", [(1, False, 128, "causal"),
+                                          (5, True, 80, "causal"),
+                                          (16, False, 64, "bidirectional")])
+def test_triton_lowering(t, tree, d, new):
   q = jax.ShapeDtypeStruct((4, t, 16, d), jnp.bfloat16)
   k = jax.ShapeDtypeStruct((4, 1000, 4, d), jnp.bfloat16)
   lengths = jax.ShapeDtypeStruct((4,), jnp.int32)
   tm = jax.ShapeDtypeStruct((4, t, t), jnp.bool_) if tree else None
   fn = jax.jit(lambda q, k, v, n, tm: decode_attention(q, k, v, n,
-                                                       tree_mask=tm))
+                                                       tree_mask=tm, new=new))
   text = fn.trace(q, k, k, lengths, tm).lower(
       lowering_platforms=("cuda",)).as_text()
   assert "triton" in text

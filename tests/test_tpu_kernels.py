@@ -52,20 +52,27 @@ def test_flash_attention_block_ids_tpu_layout(kind, b, t, h, kh, d, segments):
                             backend="mosaic_tpu")
 
 
-@pytest.mark.parametrize("b,t,h,kh,d,max_len,lengths,tree,num_splits", [
-    pytest.param(3, 1, 4, 2, 16, 45, [45, 7, 1], False, None, id="T1-gqa"),
-    pytest.param(2, 5, 8, 2, 16, 40, [5, 33], True, 2, id="T5-tree-splits"),
+@pytest.mark.parametrize("b,t,h,kh,d,max_len,lengths,tree,num_splits,new", [
+    pytest.param(3, 1, 4, 2, 16, 45, [45, 7, 1], False, None, "causal",
+                 id="T1-gqa"),
+    pytest.param(2, 5, 8, 2, 16, 40, [5, 33], True, 2, "causal",
+                 id="T5-tree-splits"),
+    pytest.param(2, 6, 4, 2, 16, 40, [6, 29], False, 2, "bidirectional",
+                 id="T6-bidirectional-splits"),
 ])
 def test_decode_attention_tpu_layout(b, t, h, kh, d, max_len, lengths, tree,
-                                     num_splits):
+                                     num_splits, new):
   q, k, v = tda._inputs(t, b, t, h, kh, d, max_len)
   lengths = jnp.asarray(lengths, jnp.int32)
   tm = (jnp.asarray(tda._random_tree(np.random.default_rng(t), b, t))
         if tree else None)
   out = _run(lambda q, k, v, n, tm: decode_attention(
-      q, k, v, n, tree_mask=tm, num_splits=num_splits, block_k=16,
+      q, k, v, n, tree_mask=tm, new=new, num_splits=num_splits, block_k=16,
       interpret=True, backend="mosaic_tpu"), q, k, v, lengths, tm)
-  assert _rel(out, tda._reference(q, k, v, lengths, tm)) < 1e-4
+  want = tda._naive(*(np.asarray(x, np.float64) for x in (q, k, v)),
+                    np.asarray(lengths), None if tm is None else np.asarray(tm),
+                    new=new)
+  assert _rel(out, want) < 1e-4
 
 
 def _tpu_kernels(fn, *args):
@@ -104,13 +111,14 @@ def test_flash_attention_block_ids_lower_to_mosaic_tpu(d, segments):
                       ids) == 3
 
 
-@pytest.mark.parametrize("tree", [False, True])
-def test_decode_attention_lowers_to_mosaic_tpu(tree):
+@pytest.mark.parametrize("tree,new", [(False, "causal"), (True, "causal"),
+                                      (False, "bidirectional")])
+def test_decode_attention_lowers_to_mosaic_tpu(tree, new):
   q = jax.ShapeDtypeStruct((4, 5, 32, 128), jnp.bfloat16)
   cache = jax.ShapeDtypeStruct((4, 1000, 8, 128), jnp.bfloat16)
   lengths = jax.ShapeDtypeStruct((4,), jnp.int32)
   tm = jax.ShapeDtypeStruct((4, 5, 5), jnp.bool_) if tree else None
-  fn = lambda q, k, v, n, m: decode_attention(q, k, v, n, tree_mask=m,
+  fn = lambda q, k, v, n, m: decode_attention(q, k, v, n, tree_mask=m, new=new,
                                               backend="mosaic_tpu")
   assert _tpu_kernels(fn, q, cache, cache, lengths, tm) == 1
 
