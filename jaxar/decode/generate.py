@@ -1,9 +1,21 @@
-"""Batch generation: prefill into the static cache, then a `lax.while_loop`.
+"""Batch generation: prefill into the static cache, then the decode loop.
 
-One compiled program per (batch, prompt bucket, cache length, sampling config).
-Rows keep their own lengths and positions, so ragged prompts need no
-left-padding and give the same tokens as each prompt alone. Nothing returns
-to the host until every row has stopped.
+`generate` is the plain method of the one driver (`loop.py`): prefill writes
+the prompts in one forward (logits only at each row's last token), and each
+step feeds every row's newest token and samples one more. Rows keep their own
+lengths and positions, so ragged prompts need no left-padding and give the
+same tokens as each prompt alone. Nothing returns to the host until every row
+has stopped.
+
+One compiled program per (batch, prompt bucket, max_new_tokens bucket, cache
+length, EOS count, CFG on/off, logprobs on/off): sampling settings, seeds,
+budgets, EOS ids and the guidance scale are traced arrays, and prompt widths
+and `max_new_tokens` are rounded up to powers of two, so a second call with
+other settings reuses the program.
+
+Beam search stays a separate loop (`beam_search`): each step reranks whole
+beams (it reorders rows and their caches, and keeps finished hypotheses apart
+from the running ones), which is not "emit up to n tokens per row".
 """
 
 from __future__ import annotations
@@ -17,11 +29,14 @@ import numpy as np
 
 from jaxar.cache import KVCache
 from jaxar.config import ModelConfig
-from jaxar.decode.sampling import SamplingConfig, apply_cfg, process_logits, row_keys, sample, token_logprobs
+from jaxar.decode import loop
+from jaxar.decode.loop import FINISH_LENGTH, FINISH_STOP, StepOutput, is_eos
+from jaxar.decode.sampling import Sampling, SamplingConfig, SamplingParams, apply_cfg, row_keys, sample, \
+    token_logprobs
+from jaxar.models import transformer
 from jaxar.models.transformer import forward
 
-FINISH_STOP = 0  # emitted an EOS token
-FINISH_LENGTH = 1  # used its whole budget
+__all__ = ["FINISH_STOP", "FINISH_LENGTH", "GenerateOutput", "generate", "pad_prompts", "BeamOutput", "beam_search"]
 
 
 class GenerateOutput(NamedTuple):
@@ -52,13 +67,90 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0, bucket: bool 
 
 
 def _eos_hit(tokens, eos_ids):
-    if not eos_ids:
-        return jnp.zeros(tokens.shape, bool)
-    return jnp.any(tokens[..., None] == jnp.asarray(eos_ids, jnp.int32), axis=-1)
+    return is_eos(tokens, jnp.asarray(tuple(eos_ids), jnp.int32))
+
+
+def decode_layout(params, config: ModelConfig):
+    """`params` in the model's decode layout, when the model provides one
+    (`transformer.decode_params`); converted once, outside jit."""
+    convert = getattr(transformer, "decode_params", None)
+    return params if convert is None else convert(params, config)
+
+
+def eos_tuple(config: ModelConfig, eos_ids) -> tuple:
+    return tuple(config.eos_token_id or ()) if eos_ids is None else tuple(int(e) for e in eos_ids)
+
+
+def check_context(config: ModelConfig, lengths: np.ndarray, new_tokens: np.ndarray, what: str = "") -> None:
+    """A learned-position model (GPT-2) has no position past `max_seq_len - 1`:
+    refuse requests whose prompt + new tokens do not fit, in one clear line."""
+    if config.position != "learned":
+        return
+    total = lengths.astype(np.int64) + new_tokens.astype(np.int64)
+    if total.size and total.max() > config.max_seq_len:
+        b = int(np.argmax(total))
+        raise ValueError(
+            f"row {b}: prompt of {int(lengths[b])} tokens plus {int(new_tokens[b])} new tokens exceeds the model's "
+            f"context of {config.max_seq_len} (learned positions){what}; shorten the prompt or lower max_new_tokens")
+
+
+def plan_shapes(config: ModelConfig, max_prompt: int, max_new_tokens: int, extra: int = 0,
+                cache_len: Optional[int] = None):
+    """Bucketed `(prompt width, output width, cache length)` for a request.
+
+    Prompt width and output width are powers of two (>= 16); the cache holds
+    both plus `extra` slots (speculative drafts), rounded up to a power of two
+    and capped at `max_seq_len` for learned positions (writes past the cache
+    are dropped; positions past the context are never kept).
+    """
+    width = _bucket(max_new_tokens)
+    prompt_width = _bucket(max_prompt)
+    if cache_len is None:
+        cache_len = _bucket(prompt_width + width + extra)
+        if config.position == "learned":
+            cache_len = min(cache_len, config.max_seq_len)
+    elif cache_len < max_prompt + max_new_tokens - 1:
+        raise ValueError(f"cache_len={cache_len} is too small for prompts of {max_prompt} plus {max_new_tokens} new "
+                         f"tokens; use cache_len >= {max_prompt + max_new_tokens - 1} (or leave it unset)")
+    return min(prompt_width, max(cache_len, max_prompt)), width, cache_len
+
+
+def fit_width(prompts, width: int):
+    """`prompts [B, P]` cut or zero-padded to `[B, width]` (columns past every row's length only)."""
+    prompts = np.asarray(prompts, np.int32)
+    if prompts.shape[1] >= width:
+        return prompts[:, :width]
+    return np.pad(prompts, ((0, 0), (0, width - prompts.shape[1])))
+
+
+def clipped_positions(config: ModelConfig, cache: KVCache, T: int):
+    """Positions of T new tokens per row, clamped to the learned table; None (the
+    cache slots) for RoPE. Only tokens past the context, never kept, are clamped."""
+    if config.position != "learned":
+        return None
+    return jnp.minimum(cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)[None], config.max_seq_len - 1)
+
+
+def _lengths_array(lengths, batch: int) -> np.ndarray:
+    lengths = np.asarray(lengths, np.int32).reshape(-1)
+    if lengths.shape != (batch,):
+        raise ValueError(f"lengths must have shape ({batch},), got {lengths.shape}")
+    if lengths.min() < 1:
+        raise ValueError("every prompt needs at least one token (lengths >= 1)")
+    return lengths
+
+
+def _budgets_array(budgets, batch: int, max_new_tokens: int) -> np.ndarray:
+    if budgets is None:
+        return np.full((batch,), max_new_tokens, np.int32)
+    budgets = np.asarray(budgets, np.int32).reshape(-1)
+    if budgets.shape != (batch,):
+        raise ValueError(f"budgets must have shape ({batch},), got {budgets.shape}")
+    return np.minimum(budgets, max_new_tokens)
 
 
 def generate(params, prompts, lengths, *, config: ModelConfig, max_new_tokens: int,
-             sampling: SamplingConfig = SamplingConfig(temperature=0.0), seed=0, budgets=None,
+             sampling: Sampling = SamplingConfig(temperature=0.0), seed=0, budgets=None,
              eos_ids: Optional[Sequence[int]] = None, pad_id: int = 0, return_logprobs: bool = False,
              cache_len: Optional[int] = None, cfg_scale: Optional[float] = None, uncond_prompts=None,
              uncond_lengths=None) -> GenerateOutput:
@@ -67,117 +159,103 @@ def generate(params, prompts, lengths, *, config: ModelConfig, max_new_tokens: i
     Args:
       prompts: int `[batch, P]`, row b's prompt in `prompts[b, :lengths[b]]`.
       lengths: int `[batch]` prompt lengths (>= 1).
-      sampling: processors and temperature (0 = greedy).
+      sampling: a `SamplingConfig` for every row, a list of one per row, or
+        `SamplingParams` (per-row arrays); temperature 0 rows are greedy. Traced:
+        new settings do not recompile.
       seed: one integer seed; row b draws with keys folded from (seed, b, step).
       budgets: optional int `[batch]` per-row limits (<= max_new_tokens).
       eos_ids: tokens that end a row (default: the model config's eos_token_id).
+      cache_len: KV cache slots (default: prompt bucket + output bucket,
+        rounded to a power of two; at most `max_seq_len` for learned positions).
       cfg_scale, uncond_prompts, uncond_lengths: classifier-free guidance: the
         unconditional prompts run as extra rows, and each step samples from
         `uncond + scale * (cond - uncond)` in log-probability space; both rows
         are fed the sampled token.
+
+    Raises ValueError when a learned-position model's context cannot hold a
+    row's prompt plus its new tokens.
     """
-    sampling.validate()
-    prompts = jnp.asarray(prompts, jnp.int32)
-    lengths = jnp.asarray(lengths, jnp.int32)
-    B, P = prompts.shape
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    budgets = jnp.full((B,), max_new_tokens, jnp.int32) if budgets is None else jnp.asarray(budgets, jnp.int32)
-    eos_ids = tuple(config.eos_token_id or ()) if eos_ids is None else tuple(int(e) for e in eos_ids)
+    prompts = np.asarray(prompts, np.int32)
+    if prompts.ndim != 2:
+        raise ValueError(f"prompts must be [batch, P], got shape {prompts.shape}")
+    B = prompts.shape[0]
+    lengths = _lengths_array(lengths, B)
+    budgets = _budgets_array(budgets, B, max_new_tokens)
+    check_context(config, lengths, budgets)
+    sampling = SamplingParams.build(sampling, B)
+    eos = eos_tuple(config, eos_ids)
+    max_prompt = int(lengths.max())
     cfg = None
     if cfg_scale is not None:
-        if uncond_prompts is None:
-            raise ValueError("cfg_scale needs uncond_prompts (and uncond_lengths)")
-        up = jnp.asarray(uncond_prompts, jnp.int32)
-        ul = jnp.asarray(uncond_lengths, jnp.int32)
-        if up.shape[0] != B:
-            raise ValueError(f"uncond_prompts has {up.shape[0]} rows, prompts has {B}")
-        width = max(P, up.shape[1])
-        pad = lambda x: jnp.pad(x, ((0, 0), (0, width - x.shape[1])))  # noqa: E731
-        prompts, lengths = jnp.concatenate([pad(prompts), pad(up)]), jnp.concatenate([lengths, ul])
-        P = width
-        cfg = float(cfg_scale)
-    if cache_len is None:
-        cache_len = _bucket(P + max_new_tokens)
-    if cache_len < P + max_new_tokens - 1:
-        raise ValueError(f"cache_len={cache_len} is too small for prompts of {P} plus {max_new_tokens} new tokens")
-    return _generate(params, prompts, lengths, budgets, jnp.asarray(seed, jnp.uint32), config=config,
-                     sampling=sampling, max_new=max_new_tokens, cache_len=cache_len, eos_ids=eos_ids,
-                     pad_id=pad_id, return_logprobs=return_logprobs, cfg_scale=cfg)
+        if uncond_prompts is None or uncond_lengths is None:
+            raise ValueError("cfg_scale needs uncond_prompts and uncond_lengths")
+        up = np.asarray(uncond_prompts, np.int32)
+        if up.ndim != 2 or up.shape[0] != B:
+            raise ValueError(f"uncond_prompts must be [{B}, P'] like prompts, got shape {up.shape}")
+        ul = _lengths_array(uncond_lengths, B)
+        check_context(config, ul, budgets, " (unconditional prompt)")
+        max_prompt = max(max_prompt, int(ul.max()))
+        cfg = jnp.float32(cfg_scale)
+    prompt_width, width, cache_len = plan_shapes(config, max_prompt, max_new_tokens, cache_len=cache_len)
+    rows_prompts, rows_lengths = fit_width(prompts, prompt_width), lengths
+    if cfg is not None:
+        rows_prompts = np.concatenate([rows_prompts, fit_width(up, prompt_width)])
+        rows_lengths = np.concatenate([lengths, ul])
+    params = decode_layout(params, config)
+    out = _generate(params, rows_prompts, rows_lengths, budgets, jnp.asarray(seed, jnp.uint32), sampling,
+                    jnp.asarray(eos, jnp.int32), jnp.asarray(pad_id, jnp.int32), cfg, config=config, width=width,
+                    cache_len=cache_len, return_logprobs=return_logprobs)
+    return GenerateOutput(tokens=out.tokens[:, :max_new_tokens], num_tokens=out.num_tokens,
+                          finish_reason=out.finish_reason,
+                          logprobs=None if out.logprobs is None else out.logprobs[:, :max_new_tokens])
 
 
-@functools.partial(jax.jit, static_argnames=("config", "sampling", "max_new", "cache_len", "eos_ids", "pad_id",
-                                             "return_logprobs", "cfg_scale"))
-def _generate(params, prompts, lengths, budgets, seed, *, config, sampling, max_new, cache_len, eos_ids, pad_id,
-              return_logprobs, cfg_scale):
-    rows, P = prompts.shape
-    B = budgets.shape[0]  # rows == 2B with classifier-free guidance
-    need_history = sampling.repetition_penalty != 1.0
-    cache = KVCache.empty(config, rows, cache_len)
-    logits, cache = forward(params, prompts, config=config, cache=cache, num_new=lengths)
-    # [rows, V]: logits at each row's last prompt token
-    last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
-    history = None
-    if need_history:  # prompt + generated tokens of the conditional rows, for the repetition penalty
-        history = jnp.zeros((B, P + max_new), jnp.int32).at[:, :P].set(prompts[:B])
+def plain_step(params, *, config: ModelConfig, sampling: SamplingParams, seed, cfg_scale=None,
+               return_logprobs: bool = False):
+    """The plain method: `step(state)` feeds each row's newest token and samples
+    the next one (n = 1). `state.inner` is the KV cache (2B rows with
+    classifier-free guidance: the unconditional rows after the conditional)."""
 
-    def pick(step, logits_rows, history, hist_len):
+    def pick(state: loop.LoopState, logits_rows):
+        B = state.seq.shape[0]
+        logits = logits_rows if cfg_scale is None else apply_cfg(logits_rows[:B], logits_rows[B:], cfg_scale)
+        history = state.seq  # prompt + output: the repetition penalty's previous tokens
+        mask = jnp.arange(history.shape[1])[None] < state.seq_len[:, None]
+        token = sample(row_keys(seed, B, state.step), logits, sampling, history, mask)
+        logp = token_logprobs(logits, token, sampling, history, mask)[:, None] if return_logprobs else None
+        return StepOutput(tokens=token[:, None], n_emitted=jnp.ones_like(token), logprobs=logp)
+
+    def step(state: loop.LoopState):
+        cache = state.inner
+        feed, active = state.last_token, state.active
         if cfg_scale is not None:
-            logits_b = apply_cfg(logits_rows[:B], logits_rows[B:], cfg_scale)
-        else:
-            logits_b = logits_rows
-        hist_mask = None
-        if need_history:
-            hist_mask = jnp.arange(history.shape[1])[None] < hist_len[:, None]
-        keys = row_keys(seed, B, step)
-        token = sample(keys, logits_b, sampling, history if need_history else None, hist_mask)
-        logp = token_logprobs(logits_b, token, sampling, history if need_history else None, hist_mask) \
-            if return_logprobs else None
-        return token, logp
-
-    out = jnp.full((B, max_new), pad_id, jnp.int32)
-    out_logp = jnp.zeros((B, max_new), jnp.float32) if return_logprobs else None
-    prompt_len = lengths[:B]
-
-    def emit(state, token, logp):
-        step, cache, _, out, out_logp, done, count, reason, history = state
-        active = ~done
-        token = jnp.where(active, token, pad_id)
-        out = out.at[:, step].set(token)
-        if return_logprobs:
-            out_logp = out_logp.at[:, step].set(jnp.where(active, logp, 0.0))
-        if need_history:
-            history = history.at[jnp.arange(B), prompt_len + count].set(token, mode="drop")
-        count = count + active
-        hit_eos = active & _eos_hit(token, eos_ids)
-        hit_len = active & (count >= budgets)
-        reason = jnp.where(hit_eos, FINISH_STOP, jnp.where(hit_len, FINISH_LENGTH, reason))
-        done = done | hit_eos | hit_len
-        return (step + 1, cache, token, out, out_logp, done, count, reason, history)
-
-    zeros = jnp.zeros((B,), jnp.int32)
-    state = (jnp.int32(0), cache, zeros, out, out_logp, budgets <= 0, zeros, jnp.full((B,), FINISH_LENGTH, jnp.int32),
-             history)
-    token, logp = pick(0, last, history, prompt_len)
-    state = emit(state, token, logp)
-
-    def cond(state):
-        step, done = state[0], state[5]
-        return (step < max_new) & ~jnp.all(done)
-
-    def body(state):
-        step, cache, token, _, _, done, count, _, history = state
-        feed = token if cfg_scale is None else jnp.concatenate([token, token])
-        active = ~done if cfg_scale is None else jnp.concatenate([~done, ~done])
-        # Stopped rows feed a dummy token and do not advance their length.
+            feed, active = jnp.concatenate([feed, feed]), jnp.concatenate([active, active])
+        # Stopped rows feed their last token again and do not advance their length.
         logits, cache = forward(params, feed[:, None], config=config, cache=cache, num_new=active.astype(jnp.int32))
-        state = (step, cache) + state[2:]
-        token, logp = pick(step, logits[:, 0], history, prompt_len + count)
-        return emit(state, token, logp)
+        return cache, pick(state, logits[:, 0])
 
-    state = jax.lax.while_loop(cond, body, state)
-    _, _, _, out, out_logp, _, count, reason, _ = state
-    return GenerateOutput(tokens=out, num_tokens=count, finish_reason=reason, logprobs=out_logp)
+    return step, pick
+
+
+@functools.partial(jax.jit, static_argnames=("config", "width", "cache_len", "return_logprobs"))
+def _generate(params, prompts, lengths, budgets, seed, sampling, eos_ids, pad_id, cfg_scale, *, config, width,
+              cache_len, return_logprobs):
+    rows = prompts.shape[0]
+    B = budgets.shape[0]  # rows == 2B with classifier-free guidance
+    cache = KVCache.empty(config, rows, cache_len)
+    logits, cache = forward(params, prompts, config=config, cache=cache, num_new=lengths, logits_at="last")
+    step, pick = plain_step(params, config=config, sampling=sampling, seed=seed, cfg_scale=cfg_scale,
+                            return_logprobs=return_logprobs)
+    state = loop.init_state(prompts[:B], lengths[:B], budgets, eos_ids, width, inner=cache,
+                            record_logprobs=return_logprobs)
+    # The first token comes from the prefill logits; the loop does the rest.
+    state = loop.emit(state, pick(state, logits[:, 0]))
+    state = loop.run(step, state)
+    tokens, logprobs = loop.outputs(state, width, pad_id)
+    return GenerateOutput(tokens=tokens, num_tokens=state.num_tokens, finish_reason=state.finish_reason,
+                          logprobs=logprobs)
 
 
 # ---------------------------------------------------------------------------
@@ -217,9 +295,12 @@ def beam_search(params, prompts, lengths, *, config: ModelConfig, max_new_tokens
         raise ValueError(f"num_return_sequences={num_return_sequences} must be in [1, num_beams={num_beams}]")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    eos_ids = tuple(config.eos_token_id or ()) if eos_ids is None else tuple(int(e) for e in eos_ids)
-    P = prompts.shape[1]
-    cache_len = cache_len or _bucket(P + max_new_tokens)
+    eos_ids = eos_tuple(config, eos_ids)
+    lengths_np = _lengths_array(lengths, prompts.shape[0])
+    check_context(config, lengths_np, np.full_like(lengths_np, max_new_tokens))
+    prompt_width, _, cache_len = plan_shapes(config, int(lengths_np.max()), max_new_tokens, cache_len=cache_len)
+    prompts = jnp.asarray(fit_width(prompts, prompt_width))
+    params = decode_layout(params, config)
     return _beam_search(params, prompts, lengths, config=config, max_new=max_new_tokens, num_beams=num_beams,
                         groups=num_beam_groups, diversity_penalty=float(diversity_penalty),
                         length_penalty=float(length_penalty), num_return=num_return_sequences, eos_ids=eos_ids,
@@ -238,8 +319,8 @@ def _beam_search(params, prompts, lengths, *, config, max_new, num_beams, groups
     NEG = -1.0e9
 
     cache = KVCache.empty(config, B, cache_len)
-    logits, cache = forward(params, prompts, config=config, cache=cache, num_new=lengths)
-    last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, V]
+    logits, cache = forward(params, prompts, config=config, cache=cache, num_new=lengths, logits_at="last")
+    last = logits[:, 0]  # [B, V]
     V = last.shape[-1]
     # Rows are ordered (batch, group, beam).
     rep = lambda x: jnp.repeat(x, G * nb, axis=0)  # noqa: E731

@@ -1,8 +1,13 @@
 """Logits processors and token sampling.
 
-Everything here is jit-friendly: the only Python branching is on the static
-:class:`SamplingConfig` (pass it as a static argument, it is hashable) and on
-array shapes, never on traced values.
+Settings come in two forms. :class:`SamplingConfig` is static and hashable
+(one setting for the whole batch, Python branching skips disabled
+processors). :class:`SamplingParams` holds the same five settings as per-row
+``[B]`` arrays traced into the program: the decode loops take this form, so a
+new temperature, top-k, ... (or a mix of greedy and sampled rows) reuses the
+compiled program. Every processor takes either a Python number or a per-row
+array; with arrays a disabled setting (top_k 0, top_p 1, min_p 0, penalty 1)
+leaves a row's logits bit-for-bit unchanged, exactly as skipping it would.
 
 The processors reproduce Hugging Face ``transformers`` semantics
 (``RepetitionPenaltyLogitsProcessor``, ``TemperatureLogitsWarper``,
@@ -24,13 +29,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, NamedTuple, Sequence, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 __all__ = [
     "SamplingConfig",
+    "SamplingParams",
     "apply_repetition_penalty",
     "apply_temperature",
     "apply_top_k",
@@ -105,15 +112,98 @@ class SamplingConfig:
         return self
 
 
+class SamplingParams(NamedTuple):
+    """Per-row sampling settings, a pytree of ``[B]`` arrays traced into jit.
+
+    Row ``b`` samples with ``temperature[b]`` (``0``: greedy, argmax after
+    the repetition penalty), ``top_k[b]`` (``0``: off), ``top_p[b]`` (``1``:
+    off), ``min_p[b]`` (``0``: off) and ``repetition_penalty[b]`` (``1``: off),
+    with the meanings of :class:`SamplingConfig`. Build it with
+    :meth:`build` (validates every row).
+    """
+
+    temperature: jax.Array  # [B] float32, 0 = greedy
+    top_k: jax.Array  # [B] int32
+    top_p: jax.Array  # [B] float32
+    min_p: jax.Array  # [B] float32
+    repetition_penalty: jax.Array  # [B] float32
+
+    @classmethod
+    def build(cls, sampling: Union[SamplingConfig, "SamplingParams", Sequence[SamplingConfig]],
+              batch: int) -> "SamplingParams":
+        """Per-row params for ``batch`` rows.
+
+        ``sampling``: one :class:`SamplingConfig` for every row, a sequence of
+        ``batch`` configs (one per row), or a :class:`SamplingParams` (checked
+        for shape ``[batch]`` and, when concrete, for valid values).
+        """
+        if isinstance(sampling, SamplingConfig):
+            rows = [sampling.validate()] * batch
+        elif isinstance(sampling, SamplingParams):
+            params = SamplingParams(*(jnp.asarray(x, d) for x, d in zip(sampling, _PARAM_DTYPES)))
+            for name, value in zip(cls._fields, params):
+                if value.shape != (batch,):
+                    raise ValueError(f"SamplingParams.{name} must have shape ({batch},), got {value.shape}")
+            if not any(isinstance(x, jax.core.Tracer) for x in params):
+                for b in range(batch):  # validate concrete values row by row
+                    SamplingConfig(*(np.asarray(x)[b].item() for x in params)).validate()
+            return params
+        else:
+            rows = list(sampling)
+            if len(rows) != batch:
+                raise ValueError(f"got {len(rows)} per-row sampling configs for a batch of {batch}; give one per row")
+            for r in rows:
+                if not isinstance(r, SamplingConfig):
+                    raise TypeError(f"per-row sampling settings must be SamplingConfig, got {type(r).__name__}")
+                r.validate()
+        return cls(*(jnp.asarray([getattr(r, name) for r in rows], dtype)
+                     for name, dtype in zip(cls._fields, _PARAM_DTYPES)))
+
+    @property
+    def greedy(self) -> jax.Array:
+        """bool ``[B]``: rows decoded by argmax (temperature 0)."""
+        return self.temperature == 0.0
+
+    def take_rows(self, rows) -> "SamplingParams":
+        return SamplingParams(*(x[rows] for x in self))
+
+
+_PARAM_DTYPES = (jnp.float32, jnp.int32, jnp.float32, jnp.float32, jnp.float32)
+
+Sampling = Union[SamplingConfig, SamplingParams]
+
+
 # ---------------------------------------------------------------------------
 # Individual processors. All take logits [..., V] and return float32 [..., V].
+# A setting is a Python number (static: a disabled processor is skipped) or an
+# array of per-row values broadcastable to the logits' leading dims (leading
+# axis first: [B] for [B, V] or [B, T, V] logits).
 # ---------------------------------------------------------------------------
 
 def _f32(x) -> jax.Array:
     return jnp.asarray(x).astype(jnp.float32)
 
 
-def apply_repetition_penalty(logits, tokens, mask=None, penalty: float = 1.0) -> jax.Array:
+def _is_static(value) -> bool:
+    return isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
+
+
+def _per_row(value, logits, dtype=jnp.float32) -> jax.Array:
+    """A per-row setting as ``[..., 1]``, broadcast against ``logits [..., V]``."""
+    v = jnp.asarray(value, dtype)
+    lead = logits.shape[:-1]
+    if v.ndim > len(lead):
+        raise ValueError(f"per-row setting of shape {v.shape} does not fit logits of shape {logits.shape}")
+    v = v.reshape(v.shape + (1,) * (len(lead) - v.ndim))
+    return jnp.broadcast_to(v, lead)[..., None]
+
+
+def _when_any(pred, fn, x):
+    """``fn(x)`` if any row needs it (a runtime branch, not a recompile), else ``x``."""
+    return jax.lax.cond(jnp.any(pred), fn, lambda y: y, x)
+
+
+def apply_repetition_penalty(logits, tokens, mask=None, penalty=1.0) -> jax.Array:
     """Hugging Face ``RepetitionPenaltyLogitsProcessor``.
 
     For every token id occurring among the valid previous tokens (prompt
@@ -128,13 +218,15 @@ def apply_repetition_penalty(logits, tokens, mask=None, penalty: float = 1.0) ->
         are ignored (Hugging Face ignores ids >= V).
       mask: optional bool ``[..., S]``, True where ``tokens`` is valid
         (padding positions False). ``None`` means all valid.
-      penalty: the penalty (> 0). ``1.0`` returns the logits unchanged.
+      penalty: the penalty (> 0), a number or per-row ``[B]``. ``1`` leaves
+        the logits unchanged.
     """
     logits = _f32(logits)
-    if penalty == 1.0:
-        return logits
-    if not penalty > 0:
-        raise ValueError(f"repetition penalty must be > 0, got {penalty}")
+    if _is_static(penalty):
+        if penalty == 1.0:
+            return logits
+        if not penalty > 0:
+            raise ValueError(f"repetition penalty must be > 0, got {penalty}")
     tokens = jnp.asarray(tokens)
     if tokens.ndim < 1:
         raise ValueError(f"tokens must have a trailing sequence axis, got shape {tokens.shape}")
@@ -159,34 +251,50 @@ def apply_repetition_penalty(logits, tokens, mask=None, penalty: float = 1.0) ->
     rows = idx.shape[0]
     present = jnp.zeros((rows, vocab + 1), bool).at[jnp.arange(rows)[:, None], idx].set(True)
     present = present[:, :vocab].reshape(lead + (vocab,))
-    penalised = jnp.where(logits < 0, logits * penalty, logits / penalty)
+    pen = jnp.float32(penalty) if _is_static(penalty) else _per_row(penalty, logits)
+    # A penalty of 1 gives x * 1 == x / 1 == x exactly: disabled rows are unchanged.
+    penalised = jnp.where(logits < 0, logits * pen, logits / pen)
     return jnp.where(present, penalised, logits)
 
 
-def apply_temperature(logits, temperature: float) -> jax.Array:
-    """Hugging Face ``TemperatureLogitsWarper`` (``temperature > 0``)."""
+def apply_temperature(logits, temperature=1.0) -> jax.Array:
+    """Hugging Face ``TemperatureLogitsWarper`` (``temperature > 0``).
+
+    With per-row temperatures, rows at 0 (greedy) are divided by 1: their
+    warped logits are not used (:func:`process_logits` keeps them unwarped).
+    """
     logits = _f32(logits)
-    if temperature == 1.0:
-        return logits
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0 here, got {temperature}")
-    return logits / jnp.float32(temperature)
+    if _is_static(temperature):
+        if temperature == 1.0:
+            return logits
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0 here, got {temperature}")
+        return logits / jnp.float32(temperature)
+    t = _per_row(temperature, logits)
+    return logits / jnp.where(t > 0, t, 1.0)
 
 
-def apply_top_k(logits, top_k: int) -> jax.Array:
+def apply_top_k(logits, top_k=0) -> jax.Array:
     """Hugging Face ``TopKLogitsWarper``: drop logits below the k-th largest.
 
     Ties with the k-th largest value are all kept. ``top_k == 0`` is a no-op.
     """
     logits = _f32(logits)
-    if top_k <= 0:
-        return logits
-    k = min(int(top_k), logits.shape[-1])
-    kth = jax.lax.top_k(logits, k)[0][..., -1:]
-    return jnp.where(logits < kth, _NEG_INF, logits)
+    vocab = logits.shape[-1]
+    if _is_static(top_k):
+        if top_k <= 0:
+            return logits
+        k = min(int(top_k), vocab)
+        kth = jax.lax.top_k(logits, k)[0][..., -1:]
+        return jnp.where(logits < kth, _NEG_INF, logits)
+    k = _per_row(top_k, logits, jnp.int32)
+    # the k-th largest value: index V - k of the ascending sort
+    ascending = jnp.sort(logits, axis=-1)
+    kth = jnp.take_along_axis(ascending, vocab - jnp.clip(k, 1, vocab), axis=-1)
+    return jnp.where((k > 0) & (logits < kth), _NEG_INF, logits)
 
 
-def apply_top_p(logits, top_p: float) -> jax.Array:
+def apply_top_p(logits, top_p=1.0) -> jax.Array:
     """Hugging Face ``TopPLogitsWarper`` (``min_tokens_to_keep=1``).
 
     Sorting ascending, tokens whose cumulative probability is ``<= 1 - top_p``
@@ -195,74 +303,100 @@ def apply_top_p(logits, top_p: float) -> jax.Array:
     ``top_p == 1`` is a no-op (as in Hugging Face, which skips the warper).
     """
     logits = _f32(logits)
-    if top_p >= 1.0:
+    static = _is_static(top_p)
+    if static and top_p >= 1.0:
         return logits
     vocab = logits.shape[-1]
     lead = logits.shape[:-1]
     flat = logits.reshape(-1, vocab)
+    p = jnp.float32(top_p) if static else _per_row(top_p, logits).reshape(-1, 1)
     order = jnp.argsort(flat, axis=-1, stable=True)  # ascending
     sorted_logits = jnp.take_along_axis(flat, order, axis=-1)
     cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
-    remove_sorted = cum <= (1.0 - top_p)
+    remove_sorted = cum <= (1.0 - p)
     remove_sorted = remove_sorted.at[:, -1].set(False)
     rows = flat.shape[0]
     remove = jnp.zeros_like(remove_sorted).at[jnp.arange(rows)[:, None], order].set(remove_sorted)
+    if not static:
+        remove = remove & (p < 1.0)  # top_p == 1 rows are skipped, as Hugging Face skips the warper
     return jnp.where(remove, _NEG_INF, flat).reshape(lead + (vocab,))
 
 
-def apply_min_p(logits, min_p: float) -> jax.Array:
+def apply_min_p(logits, min_p=0.0) -> jax.Array:
     """Hugging Face ``MinPLogitsWarper`` (``min_tokens_to_keep=1``).
 
     Drops tokens whose probability is below ``min_p`` times the top token's
     probability. ``min_p == 0`` is a no-op.
     """
     logits = _f32(logits)
-    if min_p <= 0.0:
+    static = _is_static(min_p)
+    if static and min_p <= 0.0:
         return logits
+    m = jnp.float32(min_p) if static else _per_row(min_p, logits)
     probs = jax.nn.softmax(logits, axis=-1)
     top = jnp.max(probs, axis=-1, keepdims=True)
     # With min_p < 1 the top token is never below the threshold, so the
     # "keep at least one token" rule needs no extra work.
-    return jnp.where(probs < min_p * top, _NEG_INF, logits)
+    return jnp.where((m > 0) & (probs < m * top), _NEG_INF, logits)
 
 
 # ---------------------------------------------------------------------------
 # Combined pipeline.
 # ---------------------------------------------------------------------------
 
-def process_logits(logits, config: SamplingConfig, prev_tokens=None, prev_mask=None) -> jax.Array:
+def _greedy_rows(config: SamplingParams, logits) -> jax.Array:
+    """bool ``[..., 1]``: the greedy rows of per-row params, against ``logits [..., V]``."""
+    return _per_row(config.temperature, logits) == 0.0
+
+
+def process_logits(logits, config: Sampling, prev_tokens=None, prev_mask=None) -> jax.Array:
     """Apply the processors of ``config`` in Hugging Face's order.
 
     Order: repetition penalty (needs ``prev_tokens``; skipped when ``None``),
     then, unless greedy, temperature, top-k, top-p, min-p. Returns float32
     logits of the same shape with filtered entries at ``-inf``.
 
-    For greedy configs only the repetition penalty is applied: like
+    ``config``: a static :class:`SamplingConfig`, or :class:`SamplingParams`
+    (per-row ``[B]`` arrays, ``B`` the leading dim of ``logits``; processors
+    no row needs are skipped by a runtime branch).
+
+    For greedy rows only the repetition penalty is applied: like
     ``generate(do_sample=False)``, warpers do not take part in greedy search.
     """
-    config.validate()
     out = _f32(logits)
-    if config.repetition_penalty != 1.0 and prev_tokens is not None:
-        out = apply_repetition_penalty(out, prev_tokens, prev_mask, config.repetition_penalty)
-    if config.greedy:
-        return out
-    out = apply_temperature(out, config.temperature)
-    out = apply_top_k(out, config.top_k)
-    out = apply_top_p(out, config.top_p)
-    out = apply_min_p(out, config.min_p)
-    return out
+    if isinstance(config, SamplingConfig):
+        config.validate()
+        if config.repetition_penalty != 1.0 and prev_tokens is not None:
+            out = apply_repetition_penalty(out, prev_tokens, prev_mask, config.repetition_penalty)
+        if config.greedy:
+            return out
+        out = apply_temperature(out, config.temperature)
+        out = apply_top_k(out, config.top_k)
+        out = apply_top_p(out, config.top_p)
+        return apply_min_p(out, config.min_p)
+    if not isinstance(config, SamplingParams):
+        raise TypeError(f"sampling settings must be SamplingConfig or SamplingParams, got {type(config).__name__}")
+    if prev_tokens is not None:
+        out = _when_any(config.repetition_penalty != 1.0,
+                        lambda x: apply_repetition_penalty(x, prev_tokens, prev_mask, config.repetition_penalty), out)
+    warped = apply_temperature(out, config.temperature)
+    warped = _when_any(config.top_k > 0, lambda x: apply_top_k(x, config.top_k), warped)
+    warped = _when_any(config.top_p < 1.0, lambda x: apply_top_p(x, config.top_p), warped)
+    warped = _when_any(config.min_p > 0.0, lambda x: apply_min_p(x, config.min_p), warped)
+    return jnp.where(_greedy_rows(config, out), out, warped)
 
 
-def probabilities(logits, config: SamplingConfig, prev_tokens=None, prev_mask=None) -> jax.Array:
+def probabilities(logits, config: Sampling, prev_tokens=None, prev_mask=None) -> jax.Array:
     """The distribution :func:`sample` draws from, float32 ``[..., V]``.
 
-    Softmax of :func:`process_logits`; for greedy configs the one-hot of its
+    Softmax of :func:`process_logits`; for greedy rows the one-hot of its
     argmax. Used by speculative decoding for the target ``p`` and draft ``q``.
     """
     processed = process_logits(logits, config, prev_tokens, prev_mask)
-    if config.greedy:
-        return jax.nn.one_hot(jnp.argmax(processed, axis=-1), processed.shape[-1], dtype=jnp.float32)
-    return jax.nn.softmax(processed, axis=-1)
+    one_hot = lambda: jax.nn.one_hot(jnp.argmax(processed, axis=-1), processed.shape[-1], dtype=jnp.float32)  # noqa: E731
+    if isinstance(config, SamplingConfig):
+        return one_hot() if config.greedy else jax.nn.softmax(processed, axis=-1)
+    return jnp.where(_greedy_rows(config, processed), one_hot(), jax.nn.softmax(processed, axis=-1))
 
 
 def _is_typed_key(x) -> bool:
@@ -284,15 +418,17 @@ def _check_row_keys(keys, batch: int) -> jax.Array:
     return keys
 
 
-def sample(keys, logits, config: SamplingConfig, prev_tokens=None, prev_mask=None) -> jax.Array:
+def sample(keys, logits, config: Sampling, prev_tokens=None, prev_mask=None) -> jax.Array:
     """Draw one token per row: int32 ``[B]``.
 
     Args:
       keys: one PRNG key per row, a typed key array ``[B]`` or raw uint32 keys
-        ``[B, 2]`` (see :func:`row_keys`); ignored (may be ``None``) when
-        greedy. Each row's draw depends only on its own key and logits.
+        ``[B, 2]`` (see :func:`row_keys`); ignored (may be ``None``) for a
+        greedy :class:`SamplingConfig`. Each row's draw depends only on its
+        own key, logits and settings.
       logits: ``[B, V]``.
-      config: static :class:`SamplingConfig`.
+      config: a static :class:`SamplingConfig` or per-row :class:`SamplingParams`
+        (greedy rows take the argmax; their key is not used).
       prev_tokens, prev_mask: ``[B, S]`` previous tokens (prompt included) and
         validity mask for the repetition penalty.
     """
@@ -300,11 +436,16 @@ def sample(keys, logits, config: SamplingConfig, prev_tokens=None, prev_mask=Non
     if logits.ndim != 2:
         raise ValueError(f"logits must be [B, V], got shape {logits.shape}")
     processed = process_logits(logits, config, prev_tokens, prev_mask)
-    if config.greedy:
-        return jnp.argmax(processed, axis=-1).astype(jnp.int32)
+    argmax = jnp.argmax(processed, axis=-1).astype(jnp.int32)
+    if isinstance(config, SamplingConfig) and config.greedy:
+        return argmax
     keys = _check_row_keys(keys, logits.shape[0])
     draw = jax.vmap(lambda k, row: jax.random.categorical(k, row, axis=-1))
-    return draw(keys, processed).astype(jnp.int32)
+    if isinstance(config, SamplingConfig):
+        return draw(keys, processed).astype(jnp.int32)
+    greedy = config.greedy
+    return jax.lax.cond(jnp.all(greedy), lambda: argmax,
+                        lambda: jnp.where(greedy, argmax, draw(keys, processed).astype(jnp.int32)))
 
 
 def row_keys(seed_or_key: Any, batch: int, step: Any = 0, *, row_ids=None) -> jax.Array:
@@ -342,13 +483,13 @@ def row_keys(seed_or_key: Any, batch: int, step: Any = 0, *, row_ids=None) -> ja
     return jax.vmap(lambda r: jax.random.fold_in(jax.random.fold_in(base, r), step))(rows)
 
 
-def token_logprobs(logits, tokens, config: SamplingConfig, prev_tokens=None, prev_mask=None) -> jax.Array:
+def token_logprobs(logits, tokens, config: Sampling, prev_tokens=None, prev_mask=None) -> jax.Array:
     """Log-probabilities (float32 ``[...]``) of ``tokens`` under the processed logits.
 
     ``log_softmax(process_logits(logits))`` gathered at ``tokens`` (shape
     ``logits.shape[:-1]``); filtered tokens get ``-inf``. This is what
     ``compute_transition_scores(..., normalize_logits=True)`` reports in
-    Hugging Face; for greedy configs it is the log-softmax of the
+    Hugging Face; for greedy rows it is the log-softmax of the
     (repetition-penalised) logits rather than the degenerate one-hot.
     """
     processed = process_logits(logits, config, prev_tokens, prev_mask)
