@@ -12,6 +12,13 @@ Layout: ``q [batch, seq_q, heads, head_dim]``, ``k``/``v``
     heads of its group and over the query blocks, so dK/dV of a KV head are
     reduced in registers (no per-query-head dK/dV buffer for GQA).
   - dQ: one program per (q block, batch, head); loops over the key blocks.
+* Masks: top-left causal by position, packed segment ids, or order ids
+  (``block_ids``: key j visible to query i iff ``ids[j] <= ids[i]``, which
+  covers causal, bidirectional, block-causal and prefix-LM masks, see
+  ``jaxar.models.masks``). In the order-id mode each program reads its inner
+  loop's (lo, mid, hi) from a small table computed in jnp from per-block
+  min / max ids (:func:`_order_bounds`): fully masked blocks are skipped and
+  blocks that need no order mask skip the compare, as the causal mode does.
 * Sequence lengths that are not block multiples are zero-padded in the wrapper
   and padded keys are masked. Padded query rows get a zero cotangent, so they
   contribute nothing to dK/dV.
@@ -24,8 +31,10 @@ TPU (``backend="mosaic_tpu"``, the default on a TPU): the same kernels with
 the layout Mosaic TPU needs (the last two dims of every block are full or
 (8, 128)-aligned): q/k/v are transposed to ``[batch, heads, seq, head_dim]``
 around the kernels, the logsumexp and delta rows are stored lane-broadcast
-(``[..., seq, 128]``), segment ids are passed twice (a ``[batch, seq, 128]``
-column copy and a ``[batch, 8, seq]`` row copy), and the dK/dV kernel works on
+(``[..., seq, 128]``), segment and order ids are passed twice (a
+``[batch, seq, 128]`` column copy and a ``[batch, 8, seq]`` row copy), the
+order-id loop bounds live in SMEM (flat ``[batch * blocks * 4]``), and the
+dK/dV kernel works on
 ``s = q k^T`` (contracting its first axis for the dK/dV matmuls) instead of
 ``s^T``, so no vector is ever transposed inside a kernel.
 """
