@@ -151,3 +151,18 @@ def test_cache_mask_causal_equals_layers_cache_attention_mask():
                                   np.asarray(layers.cache_attention_mask(lengths, 3, 9)))
     np.testing.assert_array_equal(np.asarray(cache_mask(lengths, 3, 9, tree=tree)),
                                   np.asarray(layers.cache_attention_mask(lengths, 3, 9, tree)))
+
+
+@pytest.mark.parametrize("kind", ["block_causal", "prefix"])
+def test_flash_kernel_with_flash_kwargs_matches_dense(kind):
+    """The Pallas kernel (interpret mode) given flash_kwargs computes attention under dense()."""
+    from pallas_kernels.flash_attention import flash_attention, masked_attention_reference
+
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.standard_normal((B, T, 2, 16), np.float32))
+    k = jnp.asarray(rng.standard_normal((B, T, 1, 16), np.float32))
+    v = jnp.asarray(rng.standard_normal((B, T, 1, 16), np.float32))
+    mask = _mask(kind, SEGMENTS)
+    out = flash_attention(q, k, v, **mask.flash_kwargs(B, T), block_q=16, block_k=16, interpret=True)
+    want = masked_attention_reference(q, k, v, mask.dense(B, T))
+    np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=1e-5, atol=1e-5)
