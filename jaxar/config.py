@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 _FAMILIES = ("llama", "gpt2", "qwen2", "mistral")
 _ACTIVATIONS = ("silu", "gelu", "gelu_new", "gelu_tanh", "relu")
@@ -53,6 +53,9 @@ class ModelConfig:
     out_bias: bool = False  # bias on the attention output projection
     mlp_bias: bool = False
     tie_embeddings: bool = False
+    # Width of a per-row conditioning vector fed to adaptive norms (VAR/DiT
+    # AdaLN: shift, scale and gate per block from the vector); 0: none.
+    cond_dim: int = 0
     # Token ids (None when the model has none). eos may be several ids.
     bos_token_id: Optional[int] = None
     eos_token_id: Optional[tuple] = None
@@ -60,7 +63,9 @@ class ModelConfig:
     # Numerics and execution.
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype (activations, KV cache)
-    scan_layers: bool = True  # lax.scan over layers (fast compiles); False unrolls
+    # True: lax.scan over the layers (fast compiles); False: unrolled; "auto": picked per platform where the
+    # step is built (jaxar.train.trainer.resolve_scan_layers: unrolled on CPU, where it is measured faster).
+    scan_layers: Union[bool, str] = "auto"
     remat: str = "none"  # none | full | dots (checkpoint policy for training)
     attention_backend: str = "xla"
     initializer_range: float = 0.02
@@ -100,6 +105,8 @@ class ModelConfig:
             total += V * D
         if self.position == "learned":
             total += self.max_seq_len * D
+        if self.cond_dim:
+            total += L * (self.cond_dim + 1) * 6 * D + (self.cond_dim + 1) * 2 * D
         return total
 
     def validate(self) -> None:
@@ -125,6 +132,10 @@ class ModelConfig:
         need(self.dtype in _DTYPES and self.param_dtype in _DTYPES,
              f"model.dtype / model.param_dtype must be one of {_DTYPES}, got {self.dtype!r} / {self.param_dtype!r}")
         need(self.remat in ("none", "full", "dots"), f"model.remat={self.remat!r}: use 'none', 'full' or 'dots'")
+        need(self.scan_layers in (True, False, "auto"),
+             f"model.scan_layers={self.scan_layers!r}: use true, false or 'auto'")
+        need(isinstance(self.cond_dim, int) and self.cond_dim >= 0,
+             f"model.cond_dim must be an integer >= 0 (0: no conditioning), got {self.cond_dim!r}")
         need(self.norm_eps > 0, f"model.norm_eps must be positive, got {self.norm_eps}")
         if self.rope_scaling is not None:
             kind = dict(self.rope_scaling).get("rope_type", dict(self.rope_scaling).get("type", "default"))

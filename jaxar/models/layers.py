@@ -1,9 +1,27 @@
-"""Building blocks: norms, rotary embeddings, MLPs and attention.
+"""Building blocks: norms, rotary embeddings, MLPs, attention and the block, as pure functions.
 
-Every module is configured by the `ModelConfig` it carries; a family
-difference is a flag (`norm`, `gated_mlp`, `qkv_bias`, ...), not a subclass.
-Parameter names and shapes are stable and documented, because the Hugging
-Face converter and the sharding rules address them by name.
+Every function takes the `ModelConfig` and a plain dict of parameters; a
+family difference is a flag (`norm`, `gated_mlp`, `qkv_bias`, ...), not a
+subclass. The linen modules in `transformer.py` only declare these parameters
+(stable, documented names and initializers); the math lives here once and is
+used by training (a `lax.scan` over the stacked layers), scoring and the
+decode path (layers unstacked once, q|k|v and gate|up fused, see
+`transformer.decode_params`).
+
+Per-layer parameter dict (`p`):
+
+    attn_norm/{scale,bias}         [D]
+    attn/q_proj/{kernel,bias}      [D, H, Dh], [H, Dh]
+    attn/k_proj/{kernel,bias}      [D, K, Dh], [K, Dh]
+    attn/v_proj/{kernel,bias}      [D, K, Dh], [K, Dh]
+    attn/qkv_proj/{kernel,bias}    [D, (H + 2K) * Dh]      (decode layout: replaces q/k/v_proj)
+    attn/o_proj/{kernel,bias}      [H, Dh, D], [D]
+    mlp_norm/{scale,bias}          [D]
+    mlp/gate_proj/{kernel,bias}    [D, F]                  (gated_mlp)
+    mlp/up_proj/{kernel,bias}      [D, F]
+    mlp/gate_up_proj/{kernel,bias} [D, 2F]                 (decode layout: replaces gate/up_proj)
+    mlp/down_proj/{kernel,bias}    [F, D]
+    ada/{kernel,bias}              [C, 6D], [6D]           (cond_dim > 0: adaptive norms, zero-initialised)
 """
 
 from __future__ import annotations
@@ -11,43 +29,45 @@ from __future__ import annotations
 import math
 from typing import NamedTuple, Optional
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from jaxar.config import ModelConfig
 
 NEG_INF = -1e30  # finite, so fully-masked rows give a uniform softmax instead of NaN
+KV_CHUNK = 128  # cache slots per step of the online-softmax loop over the cache
 
 
-def _init(config: ModelConfig):
-    return nn.initializers.normal(stddev=config.initializer_range)
+def _dt(config: ModelConfig):
+    return jnp.dtype(config.dtype)
 
 
-class Norm(nn.Module):
-    """RMSNorm (Llama, Qwen2) or LayerNorm (GPT-2), computed in float32.
+def linear(p: dict, x, dtype, in_axes: int = 1):
+    """`x @ kernel (+ bias)` over the last `in_axes` axes of x, in `dtype`.
 
-    Params: `scale [D]`, and `bias [D]` for LayerNorm.
+    kernel [*in, *out]; the result is [..., *out].
     """
+    w = p["kernel"].astype(dtype)
+    x = x.astype(dtype)
+    contract = (tuple(range(x.ndim - in_axes, x.ndim)), tuple(range(in_axes)))
+    y = jax.lax.dot_general(x, w, (contract, ((), ())))
+    if "bias" in p:
+        y = y + p["bias"].astype(dtype)
+    return y
 
-    config: ModelConfig
 
-    @nn.compact
-    def __call__(self, x):
-        cfg = self.config
-        d = x.shape[-1]
-        scale = self.param("scale", nn.initializers.ones, (d,), jnp.dtype(cfg.param_dtype))
-        x32 = x.astype(jnp.float32)
-        if cfg.norm == "rmsnorm":
-            y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + cfg.norm_eps)
-            y = y * scale.astype(jnp.float32)
-        else:
-            bias = self.param("bias", nn.initializers.zeros, (d,), jnp.dtype(cfg.param_dtype))
-            mean = jnp.mean(x32, axis=-1, keepdims=True)
-            var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-            y = (x32 - mean) * jax.lax.rsqrt(var + cfg.norm_eps)
-            y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
-        return y.astype(cfg.dtype)
+def norm(config: ModelConfig, p: dict, x):
+    """RMSNorm (Llama, Qwen2) or LayerNorm (GPT-2), computed in float32. p: scale [D] (+ bias [D])."""
+    x32 = x.astype(jnp.float32)
+    if config.norm == "rmsnorm":
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + config.norm_eps)
+        y = y * p["scale"].astype(jnp.float32)
+    else:
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + config.norm_eps)
+        y = y * p["scale"].astype(jnp.float32) + p["bias"].astype(jnp.float32)
+    return y.astype(config.dtype)
 
 
 def rope_inverse_frequencies(config: ModelConfig) -> jax.Array:
@@ -100,73 +120,82 @@ def activation_fn(name: str):
     }[name]
 
 
-class MLP(nn.Module):
-    """Gated (SwiGLU: down(act(gate x) * up x)) or plain (GPT-2: down(act(up x))).
-
-    Params: `gate_proj.kernel [D, F]` (gated only), `up_proj.kernel [D, F]`,
-    `down_proj.kernel [F, D]`, with `bias` when `mlp_bias`.
-    """
-
-    config: ModelConfig
-
-    @nn.compact
-    def __call__(self, x):
-        cfg = self.config
-        dense = lambda features, name: nn.Dense(  # noqa: E731
-            features, use_bias=cfg.mlp_bias, dtype=cfg.dtype, param_dtype=jnp.dtype(cfg.param_dtype),
-            kernel_init=_init(cfg), name=name)
-        act = activation_fn(cfg.activation)
-        if cfg.gated_mlp:
-            h = act(dense(cfg.mlp_dim, "gate_proj")(x)) * dense(cfg.mlp_dim, "up_proj")(x)
-        else:
-            h = act(dense(cfg.mlp_dim, "up_proj")(x))
-        return dense(cfg.d_model, "down_proj")(h)
+def mlp(config: ModelConfig, p: dict, x):
+    """Gated (SwiGLU: down(act(gate x) * up x)) or plain (GPT-2: down(act(up x)))."""
+    dt, act = _dt(config), activation_fn(config.activation)
+    if "gate_up_proj" in p:  # decode layout: one matmul for gate | up
+        gate, up = jnp.split(linear(p["gate_up_proj"], x, dt), 2, axis=-1)
+        h = act(gate) * up
+    elif config.gated_mlp:
+        h = act(linear(p["gate_proj"], x, dt)) * linear(p["up_proj"], x, dt)
+    else:
+        h = act(linear(p["up_proj"], x, dt))
+    return linear(p["down_proj"], h, dt)
 
 
 class AttentionInputs(NamedTuple):
     """What every layer's attention needs besides its own activations.
 
-    Exactly one of the two modes is set up by the transformer:
-    - training / full forward (no cache): `segment_ids [batch, T]` or None;
+    - no cache (training, scoring): `order_ids [batch, T]` and `segment_ids
+      [batch, T]` or None: key j is visible to query i iff order_ids[j] <=
+      order_ids[i] and the segments agree (see `jaxar.models.masks`);
     - cached: `write_slots [batch, T]` (cache slot of each new token; out of
-      range means dropped) and `lengths [batch]` = valid entries per row after
-      the write (the T new tokens included), optional `tree_mask [batch, T, T]`.
+      range means dropped), `lengths [batch]` = valid entries per row after the
+      write (the T new tokens included), `order_ids [batch, T]` among the new
+      tokens (arange: causal; zeros: the new block sees itself fully), or an
+      explicit `tree_mask [batch, T, T]`.
     """
 
     positions: jax.Array  # [batch, T]
+    order_ids: Optional[jax.Array] = None
     segment_ids: Optional[jax.Array] = None
     write_slots: Optional[jax.Array] = None
     lengths: Optional[jax.Array] = None
     tree_mask: Optional[jax.Array] = None
 
 
-def full_attention_mask(batch: int, T: int, segment_ids) -> jax.Array:
-    """[batch, T, T] bool: causal, and within a document when segment ids are given."""
-    causal = jnp.tril(jnp.ones((T, T), bool))[None]
-    if segment_ids is None:
-        return jnp.broadcast_to(causal, (batch, T, T))
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]
-    return causal & same
+def full_attention_mask(batch: int, T: int, segment_ids, order_ids=None) -> jax.Array:
+    """[batch, T, T] bool: order_ids[k] <= order_ids[q] (default: causal), within a document when segments are given."""
+    if order_ids is None:
+        mask = jnp.broadcast_to(jnp.tril(jnp.ones((T, T), bool))[None], (batch, T, T))
+    else:
+        mask = order_ids[:, None, :] <= order_ids[:, :, None]
+    if segment_ids is not None:
+        mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    return mask
 
 
-def cache_attention_mask(lengths, T: int, max_len: int, tree_mask=None) -> jax.Array:
+def new_block_mask(T: int, order_ids=None, tree_mask=None):
+    """[batch or 1, T, T] bool: which new tokens each new token sees (causal by default)."""
+    if tree_mask is not None:
+        return tree_mask
+    if order_ids is None:
+        return jnp.tril(jnp.ones((T, T), bool))[None]
+    return order_ids[:, None, :] <= order_ids[:, :, None]
+
+
+def _slots_mask(slots, lengths, T: int, block):
+    """[batch, T, n] bool for new queries against cache slots `slots` [n].
+
+    Query t of row b sits in slot `lengths[b] - T + t`; it sees every slot
+    before the new block and, inside the block, what `block [B|1, T, T]` allows.
+    """
+    start = (lengths - T)[:, None, None]  # [B, 1, 1]
+    rel = slots[None, None, :] - start  # [B, 1, n]: index among the new block
+    in_block = (rel >= 0) & (rel < T)
+    idx = jnp.broadcast_to(jnp.clip(rel, 0, T - 1), (lengths.shape[0], T, slots.shape[0]))
+    seen = jnp.take_along_axis(jnp.broadcast_to(block, (lengths.shape[0], T, T)), idx, axis=2)
+    return jnp.where(in_block, seen, rel < 0)
+
+
+def cache_attention_mask(lengths, T: int, max_len: int, tree_mask=None, order_ids=None) -> jax.Array:
     """[batch, T, max_len] bool for T new queries against the cache.
 
     Query t of row b sits in slot `lengths[b] - T + t` and sees every slot up to
-    its own (bottom-right-aligned causal). A tree mask replaces the causal
-    pattern among the T new slots.
+    its own (bottom-right-aligned causal). A tree mask (or order ids) replaces the
+    causal pattern among the T new slots.
     """
-    slots = jnp.arange(max_len)[None, None, :]  # [1, 1, S]
-    start = (lengths - T)[:, None, None]  # [B, 1, 1]
-    query_slot = start + jnp.arange(T)[None, :, None]  # [B, T, 1]
-    mask = slots <= query_slot
-    if tree_mask is not None:
-        rel = slots - start  # [B, 1, S]: index among the new block
-        in_block = (rel >= 0) & (rel < T)
-        # tree_mask[b, t, rel] where the slot is in the new block
-        tm = jnp.take_along_axis(tree_mask, jnp.clip(rel, 0, T - 1).repeat(T, axis=1), axis=2)
-        mask = jnp.where(in_block, tm, slots < start)
-    return mask
+    return _slots_mask(jnp.arange(max_len), lengths, T, new_block_mask(T, order_ids, tree_mask))
 
 
 def xla_attention(q, k, v, mask, sm_scale):
@@ -188,77 +217,140 @@ def xla_attention(q, k, v, mask, sm_scale):
     return out.reshape(B, T, H, Dh).astype(q.dtype)
 
 
-class Attention(nn.Module):
+def chunked_cache_attention(q, cache_k, cache_v, lengths, block, sm_scale, chunk: int = KV_CHUNK):
+    """Attention of T new queries over the cache, reading it only up to max(lengths).
+
+    An online-softmax loop over `chunk`-slot pieces of the cache, as many as
+    the longest row needs, so a step's cost follows the live tokens, not the
+    buffer size. q: [B, T, H, Dh]; cache_k/v: [B, S, K, Dh] (S a multiple of
+    chunk); lengths [B] valid slots after the write; block [B|1, T, T].
+    """
+    B, T, H, Dh = q.shape
+    K = cache_k.shape[2]
+    G = H // K
+    # [batch, T, kv_heads, group, head_dim]
+    q = q.reshape(B, T, K, G, Dh)
+    n_chunks = (jnp.max(lengths) + chunk - 1) // chunk
+
+    def body(carry):
+        i, m, l, acc = carry
+        start = i * chunk
+        # [batch, chunk, kv_heads, head_dim]
+        k = jax.lax.dynamic_slice_in_dim(cache_k, start, chunk, axis=1)
+        v = jax.lax.dynamic_slice_in_dim(cache_v, start, chunk, axis=1)
+        # [batch, kv_heads, group, T, chunk]
+        s = jnp.einsum("BTKGH,BCKH->BKGTC", q, k, preferred_element_type=jnp.float32) * sm_scale
+        seen = _slots_mask(start + jnp.arange(chunk), lengths, T, block)  # [B, T, chunk]
+        s = jnp.where(seen[:, None, None], s, NEG_INF)
+        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+        p = jnp.exp(s - m_new[..., None])
+        scale = jnp.exp(m - m_new)
+        l = l * scale + jnp.sum(p, axis=-1)
+        # [batch, kv_heads, group, T, head_dim]
+        pv = jnp.einsum("BKGTC,BCKH->BKGTH", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        return i + 1, m_new, l, acc * scale[..., None] + pv
+
+    m0 = jnp.full((B, K, G, T), NEG_INF, jnp.float32)
+    init = (jnp.int32(0), m0, jnp.zeros_like(m0), jnp.zeros((B, K, G, T, Dh), jnp.float32))
+    _, _, l, acc = jax.lax.while_loop(lambda c: c[0] < n_chunks, body, init)
+    out = acc / jnp.maximum(l, 1e-30)[..., None]
+    # [batch, T, heads, head_dim]
+    return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(B, T, H, Dh).astype(cache_v.dtype)
+
+
+def project_qkv(config: ModelConfig, p: dict, x):
+    """q [B, T, H, Dh], k and v [B, T, K, Dh] from x [B, T, D] (fused or separate projections)."""
+    H, K, Dh = config.n_heads, config.num_kv_heads, config.dim_per_head
+    dt = _dt(config)
+    if "qkv_proj" in p:  # decode layout: one matmul for q | k | v
+        qkv = linear(p["qkv_proj"], x, dt)
+        q, k, v = jnp.split(qkv, [H * Dh, (H + K) * Dh], axis=-1)
+        B, T = x.shape[:2]
+        return q.reshape(B, T, H, Dh), k.reshape(B, T, K, Dh), v.reshape(B, T, K, Dh)
+    return linear(p["q_proj"], x, dt), linear(p["k_proj"], x, dt), linear(p["v_proj"], x, dt)
+
+
+def attention(config: ModelConfig, p: dict, x, inputs: AttentionInputs, layer_cache=None):
     """Multi-head / grouped-query attention with an explicit per-row KV cache.
 
-    Params: `q_proj.kernel [D, H, Dh]`, `k_proj.kernel [D, K, Dh]`,
-    `v_proj.kernel [D, K, Dh]`, `o_proj.kernel [H, Dh, D]`; biases `[H, Dh]` /
-    `[K, Dh]` with `qkv_bias`, `o_proj.bias [D]` with `out_bias`.
+    x: [B, T, D]; layer_cache: (k, v) each [B, S, K, Dh] or None.
+    Returns (out [B, T, D], new layer_cache or None).
     """
+    q, k, v = project_qkv(config, p, x)
+    if config.position == "rope":
+        inv_freq = rope_inverse_frequencies(config)
+        q = apply_rope(q, inputs.positions, inv_freq)
+        k = apply_rope(k, inputs.positions, inv_freq)
+    sm_scale = 1.0 / math.sqrt(config.dim_per_head)
+    if layer_cache is None:
+        out, new_cache = _attend_full(config, q, k, v, inputs, sm_scale), None
+    else:
+        cache_k, cache_v = layer_cache
+        # Only the T new slots of each row are written (a scatter into the
+        # donated buffer); slots past max_len are dropped, never clamped.
+        b_idx = jnp.arange(x.shape[0])[:, None]
+        cache_k = cache_k.at[b_idx, inputs.write_slots].set(k.astype(cache_k.dtype), mode="drop")
+        cache_v = cache_v.at[b_idx, inputs.write_slots].set(v.astype(cache_v.dtype), mode="drop")
+        out = _attend_cache(config, q, cache_k, cache_v, inputs, sm_scale)
+        new_cache = (cache_k, cache_v)
+    return linear(p["o_proj"], out, _dt(config), in_axes=2), new_cache
 
-    config: ModelConfig
 
-    @nn.compact
-    def __call__(self, x, inputs: AttentionInputs, layer_cache=None):
-        """x: [B, T, D]; layer_cache: (k, v) each [B, S, K, Dh] or None.
+def _attend_full(config, q, k, v, inputs, sm_scale):
+    backend = config.attention_backend
+    B, T = q.shape[:2]
+    if backend == "pallas":
+        from pallas_kernels.flash_attention import flash_attention
 
-        Returns (out [B, T, D], new layer_cache or None).
-        """
-        cfg = self.config
-        H, K, Dh = cfg.n_heads, cfg.num_kv_heads, cfg.dim_per_head
-        pdt = jnp.dtype(cfg.param_dtype)
+        # Order ids (block-causal, prefix, bidirectional) are the kernel's block-ids mode.
+        return flash_attention(q, k, v, causal=True, segment_ids=inputs.segment_ids, block_ids=inputs.order_ids,
+                               sm_scale=sm_scale, interpret=jax.default_backend() == "cpu")
+    mask = full_attention_mask(B, T, inputs.segment_ids, inputs.order_ids)
+    if backend == "cudnn":
+        return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=sm_scale, implementation="cudnn")
+    return xla_attention(q, k, v, mask, sm_scale)
 
-        def proj(heads, bias, name):
-            return nn.DenseGeneral((heads, Dh), use_bias=bias, dtype=cfg.dtype, param_dtype=pdt,
-                                   kernel_init=_init(cfg), name=name)
 
-        # [batch, T, heads, head_dim]
-        q = proj(H, cfg.qkv_bias, "q_proj")(x)
-        # [batch, T, kv_heads, head_dim]
-        k = proj(K, cfg.qkv_bias, "k_proj")(x)
-        v = proj(K, cfg.qkv_bias, "v_proj")(x)
-        if cfg.position == "rope":
-            inv_freq = rope_inverse_frequencies(cfg)
-            q = apply_rope(q, inputs.positions, inv_freq)
-            k = apply_rope(k, inputs.positions, inv_freq)
-        sm_scale = 1.0 / math.sqrt(Dh)
+def _attend_cache(config, q, cache_k, cache_v, inputs, sm_scale):
+    T, S = q.shape[1], cache_k.shape[1]
+    block = new_block_mask(T, inputs.order_ids, inputs.tree_mask)
+    if config.attention_backend == "pallas":
+        from pallas_kernels.decode_attention import decode_attention
 
-        if layer_cache is None:
-            out = self._attend_full(q, k, v, inputs, sm_scale)
-            new_cache = None
-        else:
-            cache_k, cache_v = layer_cache
-            b_idx = jnp.arange(x.shape[0])[:, None]
-            # Slots past max_len are dropped, never clamped onto valid entries.
-            cache_k = cache_k.at[b_idx, inputs.write_slots].set(k.astype(cache_k.dtype), mode="drop")
-            cache_v = cache_v.at[b_idx, inputs.write_slots].set(v.astype(cache_v.dtype), mode="drop")
-            out = self._attend_cache(q, cache_k, cache_v, inputs, sm_scale)
-            new_cache = (cache_k, cache_v)
+        tree = inputs.tree_mask
+        if tree is None and inputs.order_ids is not None:
+            tree = jnp.broadcast_to(block, (q.shape[0], T, T))
+        return decode_attention(q, cache_k, cache_v, inputs.lengths, sm_scale=sm_scale, tree_mask=tree,
+                                interpret=jax.default_backend() == "cpu")
+    if S > KV_CHUNK and S % KV_CHUNK == 0:
+        return chunked_cache_attention(q, cache_k, cache_v, inputs.lengths, block, sm_scale)
+    mask = _slots_mask(jnp.arange(S), inputs.lengths, T, block)
+    return xla_attention(q, cache_k, cache_v, mask, sm_scale)
 
-        o_proj = nn.DenseGeneral(cfg.d_model, axis=(-2, -1), use_bias=cfg.out_bias, dtype=cfg.dtype,
-                                 param_dtype=pdt, kernel_init=_init(cfg), name="o_proj")
-        return o_proj(out), new_cache
 
-    def _attend_full(self, q, k, v, inputs, sm_scale):
-        backend = self.config.attention_backend
-        B, T = q.shape[:2]
-        if backend == "pallas":
-            from pallas_kernels.flash_attention import flash_attention
+def adaptive_terms(config: ModelConfig, p: dict, cond):
+    """AdaLN terms from the per-row conditioning vector cond [B, C] (VAR / DiT style).
 
-            return flash_attention(q, k, v, causal=True, segment_ids=inputs.segment_ids, sm_scale=sm_scale,
-                                   interpret=jax.default_backend() == "cpu")
-        mask = full_attention_mask(B, T, inputs.segment_ids)
-        if backend == "cudnn":
-            return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=sm_scale, implementation="cudnn")
-        return xla_attention(q, k, v, mask, sm_scale)
+    Returns six [B, 1, D] arrays (shift/scale/gate for attention and MLP), all
+    zero for zero-initialised `ada` params, so the block starts as the plain one.
+    """
+    terms = linear(p["ada"], jax.nn.silu(cond.astype(_dt(config))), _dt(config))
+    return [t[:, None, :] for t in jnp.split(terms, 6, axis=-1)]
 
-    def _attend_cache(self, q, cache_k, cache_v, inputs, sm_scale):
-        backend = self.config.attention_backend
-        T = q.shape[1]
-        if backend == "pallas":
-            from pallas_kernels.decode_attention import decode_attention
 
-            return decode_attention(q, cache_k, cache_v, inputs.lengths, sm_scale=sm_scale,
-                                    tree_mask=inputs.tree_mask, interpret=jax.default_backend() == "cpu")
-        mask = cache_attention_mask(inputs.lengths, T, cache_k.shape[1], inputs.tree_mask)
-        return xla_attention(q, cache_k, cache_v, mask, sm_scale)
+def block(config: ModelConfig, p: dict, x, inputs: AttentionInputs, layer_cache=None, cond=None):
+    """Pre-norm residual block. x [B, T, D] -> (x, new layer_cache or None).
+
+    With `cond` (config.cond_dim > 0): norm(x) * (1 + scale) + shift before
+    attention / MLP, and each branch scaled by (1 + gate).
+    """
+    if cond is not None and "ada" in p:
+        a_shift, a_scale, a_gate, m_shift, m_scale, m_gate = adaptive_terms(config, p, cond)
+        h = norm(config, p["attn_norm"], x) * (1 + a_scale) + a_shift
+        h, layer_cache = attention(config, p["attn"], h, inputs, layer_cache)
+        x = x + h * (1 + a_gate)
+        h = norm(config, p["mlp_norm"], x) * (1 + m_scale) + m_shift
+        return x + mlp(config, p["mlp"], h) * (1 + m_gate), layer_cache
+    h, layer_cache = attention(config, p["attn"], norm(config, p["attn_norm"], x), inputs, layer_cache)
+    x = x + h
+    return x + mlp(config, p["mlp"], norm(config, p["mlp_norm"], x)), layer_cache

@@ -42,6 +42,7 @@ RULES: Mapping[str, Optional[str]] = {
     "head_dim": None,
     "layers": None,
     "pos": None,
+    "cond": None,
 }
 
 
