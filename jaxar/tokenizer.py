@@ -8,6 +8,8 @@ Every tokenizer implements `Tokenizer`:
   `bos_id` / `eos_id` themselves (the data pipeline appends `eos_id` to every
   document and prepends `bos_id` when the tokenizer has one distinct from
   `eos_id`);
+* `add_bos`: whether a prompt should start with `bos_id`, as transformers'
+  tokenizer would add it (`encode_prompt(text)` does so);
 * `decode(ids) -> str` drops special ids and decodes invalid UTF-8 with
   errors="replace";
 * `encode_batch(texts)`, `encode_array(text)` (an int32 numpy array) and
@@ -67,6 +69,16 @@ class Tokenizer(abc.ABC):
     def eos_ids(self) -> tuple[int, ...]:
         """Every id that ends generation (`eos_id` first); () when none."""
         return () if self.eos_id is None else (self.eos_id,)
+
+    @property
+    def add_bos(self) -> bool:
+        """True when prompts start with `bos_id` (transformers' `add_special_tokens=True`)."""
+        return False
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """`encode(text)` with `bos_id` in front when `add_bos`: a generation prompt."""
+        ids = self.encode(text)
+        return [self.bos_id] + ids if self.add_bos and self.bos_id is not None else ids
 
     @abc.abstractmethod
     def encode(self, text: str) -> list[int]:
@@ -215,6 +227,7 @@ class HFTokenizer(Tokenizer):
             extra += _id_list(cfg.get(key))
         ids = ([] if self.eos_id is None else [self.eos_id]) + extra
         self._eos_ids = tuple(dict.fromkeys(i for i in ids if 0 <= i < self.vocab_size))
+        self._add_bos = self._resolve_add_bos()
 
     # Special tokens ------------------------------------------------------
     @staticmethod
@@ -272,6 +285,23 @@ class HFTokenizer(Tokenizer):
             if len(with_special) > len(plain) and with_special[: len(plain)] != plain:
                 return int(with_special[0])
         return None
+
+    def _resolve_add_bos(self) -> bool:
+        """As transformers: `add_bos_token` in tokenizer_config.json when it is set
+        (Llama-style tokenizers rebuild their post-processor from it), otherwise
+        whether tokenizer.json's post-processor puts `bos_id` in front of a text."""
+        if self.bos_id is None:
+            return False
+        flag = self._configs["tokenizer"].get("add_bos_token")
+        if isinstance(flag, bool):
+            return flag
+        with_special = self._tok.encode("a", add_special_tokens=True).ids
+        plain = self._tok.encode("a", add_special_tokens=False).ids
+        return len(with_special) > len(plain) and with_special[0] == self.bos_id and with_special[1:1 + len(plain)] == plain
+
+    @property
+    def add_bos(self) -> bool:
+        return self._add_bos
 
     @property
     def eos_ids(self) -> tuple[int, ...]:
@@ -341,6 +371,7 @@ class HFTokenizer(Tokenizer):
             "eos_id": self.eos_id,
             "pad_id": self.pad_id,
             "eos_ids": self._eos_ids,
+            "add_bos": self._add_bos,
         }
 
     def __setstate__(self, state):
@@ -352,6 +383,7 @@ class HFTokenizer(Tokenizer):
         self.vocab_size = state["vocab_size"]
         self.bos_id, self.eos_id, self.pad_id = state["bos_id"], state["eos_id"], state["pad_id"]
         self._eos_ids = state["eos_ids"]
+        self._add_bos = state.get("add_bos", False)
 
 
 def train_bpe(

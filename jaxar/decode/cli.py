@@ -33,8 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--num-beams", type=int, default=1)
-    p.add_argument("--draft", help="speculative decoding: a draft model directory, 'ngram' (prompt lookup) "
-                   "'trigram' (latest-continuation trigram table) or 'aded' (ADED: trigram counts + PUCT draft search)")
+    p.add_argument("--draft", help="speculative decoding: a draft model directory or a drafter name: 'ngram' "
+                   "(prompt lookup), 'trigram' (latest-continuation trigram table), 'aded' (ADED: trigram counts + "
+                   "PUCT draft search), or any other drafter registered in jaxar/decode/drafters/")
     p.add_argument("--num-draft", type=int, default=4, help="draft tokens per speculative round")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     p.add_argument("--output", help="output JSONL (default: stdout)")
@@ -128,6 +129,30 @@ def _load_tokenizer(path: str):
         return None
 
 
+def _eos_ids(path: str, config, tokenizer) -> tuple:
+    """EOS ids: config.json's (the model config) merged with an HF directory's
+    generation_config.json (`eos_token_id`, an int or a list); the tokenizer's
+    when neither names one."""
+    eos = list(config.eos_token_id or ())
+    gen_path = os.path.join(path, "generation_config.json")
+    if os.path.isfile(gen_path):
+        try:
+            with open(gen_path, encoding="utf-8") as f:
+                gen = json.load(f)
+        except (OSError, ValueError) as e:
+            raise UsageError(f"--model {path}: cannot read generation_config.json ({e})") from None
+        value = gen.get("eos_token_id") if isinstance(gen, dict) else None
+        values = [value] if isinstance(value, int) else value if isinstance(value, list) else []
+        bad = [v for v in values if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < config.vocab_size]
+        if bad:
+            raise UsageError(f"--model {path}: generation_config.json eos_token_id {bad[0]!r} is not a token id in "
+                             f"[0, {config.vocab_size})")
+        eos += values
+    if not eos and tokenizer is not None and getattr(tokenizer, "eos_ids", ()):
+        eos = list(tokenizer.eos_ids)
+    return tuple(dict.fromkeys(int(e) for e in eos))
+
+
 def run(argv: Optional[List[str]] = None, stdout=None) -> int:
     args = build_parser().parse_args(argv)
     stdout = stdout or sys.stdout
@@ -146,12 +171,15 @@ def _generate_all(args, rows, stdout) -> int:
     from jaxar.decode.generate import beam_search, generate, pad_prompts
     from jaxar.decode.sampling import SamplingConfig
 
+    from jaxar.decode import drafters
     from jaxar.decode.speculative import speculative_generate
 
     config, params = _load_model(args.model, args.dtype)
     tokenizer = _load_tokenizer(args.model)
     draft_kw = None
-    if args.draft in ("ngram", "trigram", "aded"):
+    if args.draft == "model":
+        raise UsageError("--draft model: give the draft model's directory instead")
+    if args.draft and args.draft in drafters.names() and not os.path.isdir(args.draft):
         draft_kw = dict(draft=args.draft)
     elif args.draft:
         draft_config, draft_params = _load_model(args.draft, args.dtype)
@@ -165,7 +193,7 @@ def _generate_all(args, rows, stdout) -> int:
         if row["tokens"] is None:
             if tokenizer is None:
                 raise UsageError(f"{where}: text prompt but the model directory has no tokenizer; give \"tokens\"")
-            toks = tokenizer.encode(row["prompt"])
+            toks = tokenizer.encode_prompt(row["prompt"])  # with BOS when the tokenizer adds one
         else:
             toks = row["tokens"]
         if not toks:
@@ -173,17 +201,19 @@ def _generate_all(args, rows, stdout) -> int:
         bad = [t for t in toks if not 0 <= t < config.vocab_size]
         if bad:
             raise UsageError(f"{where}: token id {bad[0]} is outside the vocabulary [0, {config.vocab_size})")
-        if len(toks) + args.max_new_tokens > config.max_seq_len:
-            raise UsageError(
-                f"{where}: prompt of {len(toks)} tokens plus --max-new-tokens {args.max_new_tokens} exceeds the "
-                f"model's context of {config.max_seq_len}; shorten the prompt or lower --max-new-tokens")
+        draft_config = draft_kw.get("draft_config") if draft_kw else None
+        if draft_config is not None and draft_config.position != "learned":
+            draft_config = None  # RoPE drafts extrapolate; learned positions end at max_seq_len
+        for what, cfg in (("model", config), ("draft model", draft_config)):
+            if cfg is not None and len(toks) + args.max_new_tokens > cfg.max_seq_len:
+                raise UsageError(
+                    f"{where}: prompt of {len(toks)} tokens plus --max-new-tokens {args.max_new_tokens} exceeds the "
+                    f"{what}'s context of {cfg.max_seq_len}; shorten the prompt or lower --max-new-tokens")
         ids.append(list(toks))
 
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                               repetition_penalty=args.repetition_penalty)
-    eos = tuple(config.eos_token_id or ())
-    if not eos and tokenizer is not None and getattr(tokenizer, "eos_ids", ()):
-        eos = tuple(tokenizer.eos_ids)
+    eos = _eos_ids(args.model, config, tokenizer)
     out_f = open(args.output, "w", encoding="utf-8") if args.output else stdout
     stats = {"prompts": len(ids), "generated_tokens": 0, "prefill_tokens": sum(map(len, ids)), "wall_s": 0.0,
              "compile_and_first_batch_s": None}

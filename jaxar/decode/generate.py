@@ -8,8 +8,8 @@ same tokens as each prompt alone. Nothing returns to the host until every row
 has stopped.
 
 One compiled program per (batch, prompt bucket, max_new_tokens bucket, cache
-length, EOS count, CFG on/off, logprobs on/off): sampling settings, seeds,
-budgets, EOS ids and the guidance scale are traced arrays, and prompt widths
+length, CFG on/off, logprobs on/off): sampling settings, seeds, budgets, EOS
+ids (padded to a power of two) and the guidance scale are traced arrays, and prompt widths
 and `max_new_tokens` are rounded up to powers of two, so a second call with
 other settings reuses the program.
 
@@ -79,6 +79,13 @@ def decode_layout(params, config: ModelConfig):
 
 def eos_tuple(config: ModelConfig, eos_ids) -> tuple:
     return tuple(config.eos_token_id or ()) if eos_ids is None else tuple(int(e) for e in eos_ids)
+
+
+def eos_array(eos: Sequence[int]) -> jax.Array:
+    """EOS ids as int32 `[E]`, E a power of two (>= 4) padded with -1 (never a
+    token), so another EOS list reuses the compiled program."""
+    eos = [int(e) for e in eos]
+    return jnp.asarray(eos + [-1] * (_bucket(len(eos), 4) - len(eos)), jnp.int32)
 
 
 def check_context(config: ModelConfig, lengths: np.ndarray, new_tokens: np.ndarray, what: str = "") -> None:
@@ -205,7 +212,7 @@ def generate(params, prompts, lengths, *, config: ModelConfig, max_new_tokens: i
         rows_lengths = np.concatenate([lengths, ul])
     params = decode_layout(params, config)
     out = _generate(params, rows_prompts, rows_lengths, budgets, jnp.asarray(seed, jnp.uint32), sampling,
-                    jnp.asarray(eos, jnp.int32), jnp.asarray(pad_id, jnp.int32), cfg, config=config, width=width,
+                    eos_array(eos), jnp.asarray(pad_id, jnp.int32), cfg, config=config, width=width,
                     cache_len=cache_len, return_logprobs=return_logprobs)
     return GenerateOutput(tokens=out.tokens[:, :max_new_tokens], num_tokens=out.num_tokens,
                           finish_reason=out.finish_reason,

@@ -37,7 +37,7 @@ from jaxar.decode.drafters.ngram import ngram_drafts  # noqa: F401
 from jaxar.decode.drafters.trigram import pair_hash as _pair_hash  # noqa: F401
 from jaxar.decode.drafters.trigram import trigram_drafts  # noqa: F401
 from jaxar.decode.generate import (_budgets_array, _lengths_array, check_context, clipped_positions, decode_layout,
-                                   eos_tuple, fit_width, plan_shapes)
+                                   eos_array, eos_tuple, fit_width, plan_shapes)
 from jaxar.decode.loop import StepOutput
 from jaxar.decode.sampling import Sampling, SamplingConfig, SamplingParams, probabilities, row_keys
 from jaxar.models.transformer import forward
@@ -107,7 +107,7 @@ def speculative_generate(params, prompts, lengths, *, config: ModelConfig, max_n
     prompt_width, width, cache_len = plan_shapes(config, int(lengths.max()), max_new_tokens, extra=num_draft + 1)
     params = decode_layout(params, config)
     out = _speculative(params, drafter_params, fit_width(prompts, prompt_width), lengths, budgets,
-                       jnp.asarray(seed, jnp.uint32), sampling, jnp.asarray(eos_tuple(config, eos_ids), jnp.int32),
+                       jnp.asarray(seed, jnp.uint32), sampling, eos_array(eos_tuple(config, eos_ids)),
                        jnp.asarray(pad_id, jnp.int32), config=config, drafter=drafter, width=width,
                        cache_len=cache_len, verify_backend=verify_backend)
     return out._replace(tokens=out.tokens[:, :max_new_tokens])
