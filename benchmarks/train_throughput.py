@@ -14,12 +14,28 @@ token batches (the data pipeline is not timed). Reported:
   python benchmarks/train_throughput.py [--batch-size 32 --seq-len 2048 --grad-accum 2]
       [--config configs/llama-1b.yaml] [key=value ...] [--out train_throughput.json]
   python benchmarks/train_throughput.py --small      # tiny model on CPU: exercises the script anywhere
+
+--vs-torch: one process, one batch, the same initial weights, side by side (defaults: Llama d384 x 6 layers,
+6 heads, MLP 1024, vocab 257, untied head, B16 x T256, fp32, AdamW lr 3e-4 wd 0.1 + global-norm clip 1.0):
+  torch           transformers LlamaForCausalLM + torch.optim.AdamW, eager (--threads, default 2)
+  minimal_jax     a hand-written Llama step in this file: plain jnp + optax.adamw under jit, no flax
+  jaxar_scan_*    jaxar's real train step (build_step_functions, as train.py runs it), scan_layers true / false
+First every competitor's loss on the initial weights (and after one update) is compared with torch's
+(exit status 1 when step 0 differs by more than --loss-rtol); then interleaved rounds of timed steps
+(median; each step ends on the host with its loss). Table: tok/s, ratio to torch and to the minimal step,
+compile time and XLA's cost analysis (FLOPs, bytes accessed) of the compiled step.
+
+  python benchmarks/train_throughput.py --vs-torch [--d-model 384 --n-layers 6 --n-heads 6 --n-kv-heads 6
+      --mlp-dim 1024 --vocab-size 257 --tie-embeddings --batch-size 16 --seq-len 256] [--out vs_torch.json]
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import math
 import os
+import re
 import statistics
 import sys
 import time
@@ -61,6 +77,321 @@ def matmul_tflops(n: int, dtype, repeats: int = 10) -> float:
     return 2 * n ** 3 / statistics.median(times) / 1e12
 
 
+# ---------------------------------------------------------------------------
+# --vs-torch: jaxar's train step next to HF transformers + torch AdamW and a minimal pure-JAX step
+
+
+def vs_torch_configs(*, d_model=384, n_layers=6, n_heads=6, n_kv_heads=None, mlp_dim=1024, vocab_size=257,
+                     batch_size=16, seq_len=256, tie_embeddings=False, lr=3e-4, weight_decay=0.1, grad_clip=1.0,
+                     scan_layers=True):
+    """(ModelConfig, TrainConfig) of the comparison: a Llama in fp32, AdamW at a constant lr (warmup 0, so
+    jaxar's schedule gives the peak lr at step 0, as the two others use), weight decay on matrices only."""
+    from jaxar.config import ModelConfig
+    from jaxar.train.config import TrainConfig
+
+    model = ModelConfig.llama(vocab_size=vocab_size, d_model=d_model, n_layers=n_layers, n_heads=n_heads,
+                              n_kv_heads=n_kv_heads, mlp_dim=mlp_dim, max_seq_len=seq_len,
+                              tie_embeddings=tie_embeddings, dtype="float32", param_dtype="float32",
+                              scan_layers=scan_layers, remat="none")
+    train = TrainConfig(steps=100_000, batch_size=batch_size, seq_len=seq_len, lr=lr, warmup_steps=0,
+                        min_lr_ratio=1.0, weight_decay=weight_decay, grad_clip=grad_clip, grad_accum=1)
+    return model, train
+
+
+# --- (b) the minimal hand-written step: plain jnp + optax, one Python loop over the layers, no flax
+
+
+def minimal_params(params, cfg) -> dict:
+    """jaxar's (stacked) params -> per-layer 2-D matrices: x @ w everywhere."""
+    p = jax.tree_util.tree_map(np.asarray, params)
+    D, H, K, Dh = cfg.d_model, cfg.n_heads, cfg.num_kv_heads, cfg.dim_per_head
+    at, mlp, lay = p["layers"]["attn"], p["layers"]["mlp"], p["layers"]
+    layers = []
+    for i in range(cfg.n_layers):
+        layers.append({
+            "attn_norm": lay["attn_norm"]["scale"][i], "mlp_norm": lay["mlp_norm"]["scale"][i],
+            "wq": at["q_proj"]["kernel"][i].reshape(D, H * Dh), "wk": at["k_proj"]["kernel"][i].reshape(D, K * Dh),
+            "wv": at["v_proj"]["kernel"][i].reshape(D, K * Dh), "wo": at["o_proj"]["kernel"][i].reshape(H * Dh, D),
+            "w_gate": mlp["gate_proj"]["kernel"][i], "w_up": mlp["up_proj"]["kernel"][i],
+            "w_down": mlp["down_proj"]["kernel"][i]})
+    out = {"embed": p["embed"]["embedding"], "layers": layers, "final_norm": p["final_norm"]["scale"]}
+    if not cfg.tie_embeddings:
+        out["lm_head"] = p["lm_head"]["kernel"]
+    return out
+
+
+def _rms_norm(x, scale, eps):
+    return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps) * scale
+
+
+def _rope(x, cos, sin):  # x [B, T, heads, Dh]; rotate-half layout (Hugging Face Llama)
+    half = x.shape[-1] // 2
+    return x * cos + jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1) * sin
+
+
+def minimal_loss(p, tokens, targets, cfg):
+    """Mean next-token cross-entropy of a Llama written in plain jnp."""
+    B, T = tokens.shape
+    H, K, Dh = cfg.n_heads, cfg.num_kv_heads, cfg.dim_per_head
+    G = H // K
+    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, Dh, 2, dtype=jnp.float32) / Dh))
+    angles = jnp.arange(T, dtype=jnp.float32)[:, None] * inv_freq
+    angles = jnp.concatenate([angles, angles], axis=-1)[None, :, None, :]  # [1, T, 1, Dh]
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    causal = jnp.tril(jnp.ones((T, T), bool))
+    x = p["embed"][tokens]
+    for layer in p["layers"]:
+        h = _rms_norm(x, layer["attn_norm"], cfg.norm_eps)
+        q = _rope((h @ layer["wq"]).reshape(B, T, H, Dh), cos, sin).reshape(B, T, K, G, Dh)
+        k = _rope((h @ layer["wk"]).reshape(B, T, K, Dh), cos, sin)
+        v = (h @ layer["wv"]).reshape(B, T, K, Dh)
+        s = jnp.einsum("btkgd,bskd->bkgts", q, k) / math.sqrt(Dh)
+        s = jnp.where(causal, s, -1e30)
+        o = jnp.einsum("bkgts,bskd->btkgd", jax.nn.softmax(s, axis=-1), v).reshape(B, T, H * Dh)
+        x = x + o @ layer["wo"]
+        h = _rms_norm(x, layer["mlp_norm"], cfg.norm_eps)
+        x = x + (jax.nn.silu(h @ layer["w_gate"]) * (h @ layer["w_up"])) @ layer["w_down"]
+    x = _rms_norm(x, p["final_norm"], cfg.norm_eps)
+    logits = x @ (p["embed"].T if cfg.tie_embeddings else p["lm_head"])
+    nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return jnp.mean(nll)
+
+
+def make_minimal_step(cfg, train):
+    """(init(params) -> opt_state, jit step(params, opt_state, tokens, targets) -> (params, opt_state, loss))."""
+    import optax
+
+    parts = [optax.clip_by_global_norm(train.grad_clip)] if train.grad_clip > 0 else []
+    optimizer = optax.chain(*parts, optax.adamw(train.lr, b1=train.beta1, b2=train.beta2, eps=train.eps,
+                                                weight_decay=train.weight_decay,
+                                                mask=lambda ps: jax.tree_util.tree_map(lambda a: a.ndim >= 2, ps)))
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def step(params, opt_state, tokens, targets):
+        loss, grads = jax.value_and_grad(minimal_loss)(params, tokens, targets, cfg)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return optimizer.init, step
+
+
+# --- (a) Hugging Face LlamaForCausalLM + torch.optim.AdamW, eager
+
+
+def torch_model(params, cfg, attn_implementation: str = "sdpa"):
+    """transformers LlamaForCausalLM holding jaxar's params (fp32, train mode)."""
+    import torch
+    import transformers
+
+    from jaxar.convert.hf import config_to_hf, params_to_hf
+
+    hf = {k: v for k, v in config_to_hf(cfg).items() if k not in ("model_type", "architectures")}
+    config = transformers.LlamaConfig(**hf)
+    config._attn_implementation = attn_implementation
+    model = transformers.LlamaForCausalLM(config).float()
+    tensors = {k: torch.from_numpy(np.array(v, np.float32)) for k, v in params_to_hf(params, cfg).items()}
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    missing = [m for m in missing if not (cfg.tie_embeddings and m == "lm_head.weight")]
+    if missing or unexpected:
+        raise RuntimeError(f"weights do not fit the torch model: missing {missing}, unexpected {unexpected}")
+    if cfg.tie_embeddings:
+        model.tie_weights()
+    return model.train()
+
+
+def make_torch_step(model, train, tokens, targets):
+    """step() -> loss (python float, taken before the update): forward, backward, clip, AdamW."""
+    import torch
+
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": train.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=train.lr, betas=(train.beta1, train.beta2), eps=train.eps)
+    tokens = torch.as_tensor(np.asarray(tokens), dtype=torch.long)
+    targets = torch.as_tensor(np.asarray(targets), dtype=torch.long)
+    params = list(model.parameters())
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        logits = model(input_ids=tokens, use_cache=False).logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
+        loss.backward()
+        if train.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, train.grad_clip)
+        opt.step()
+        return float(loss.detach())
+
+    return step
+
+
+# --- the competitors as step() -> loss closures, with their compiled programs
+
+
+class Competitor:
+    def __init__(self, name, step, compiled=None, compile_s=None):
+        self.name, self.step, self.compiled, self.compile_s = name, step, compiled, compile_s
+
+
+def _cost(compiled) -> dict:
+    """flops / bytes accessed from XLA's cost analysis, and op counts of the optimized HLO."""
+    out = {}
+    try:
+        cost = compiled.cost_analysis()
+        if isinstance(cost, (list, tuple)):
+            cost = cost[0] if cost else {}
+        out["flops"] = float(cost.get("flops", float("nan")))
+        out["bytes_accessed"] = float(cost.get("bytes accessed", float("nan")))
+    except Exception as e:  # noqa: BLE001 - cost analysis is best effort
+        out["cost_error"] = str(e)
+    try:
+        text = compiled.as_text()
+        for op in ("while", "dynamic-update-slice", "dynamic-slice", "fusion", "dot", "copy", "transpose"):
+            out[f"hlo_{op}"] = len(re.findall(rf" {re.escape(op)}\(", text))
+    except Exception as e:  # noqa: BLE001
+        out["hlo_error"] = str(e)
+    return out
+
+
+def build_competitors(cfg, train, params, batch, *, scan_modes=(True, False), with_torch=True,
+                      torch_attn="sdpa"):
+    """Every competitor, each starting from `params` (jaxar's layout, host numpy) on `batch`."""
+    from jaxar.train import sharding as shd
+    from jaxar.train.trainer import TrainState, build_step_functions
+
+    out = []
+    if with_torch:
+        out.append(Competitor("torch", make_torch_step(torch_model(params, cfg, torch_attn), train,
+                                                       batch["tokens"], batch["targets"])))
+
+    opt_init, mstep = make_minimal_step(cfg, train)
+    mp = jax.tree_util.tree_map(jnp.asarray, minimal_params(params, cfg))
+    tokens, targets = jnp.asarray(batch["tokens"]), jnp.asarray(batch["targets"])
+    mstate = [mp, opt_init(mp)]
+    t = time.perf_counter()
+    mcompiled = mstep.lower(mstate[0], mstate[1], tokens, targets).compile()
+    mcompile_s = time.perf_counter() - t
+
+    def minimal_step():
+        mstate[0], mstate[1], loss = mcompiled(mstate[0], mstate[1], tokens, targets)
+        return float(loss)
+
+    out.append(Competitor("minimal_jax", minimal_step, mcompiled, mcompile_s))
+
+    mesh = shd.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
+    device_batch = shd.global_batch(batch, mesh)
+    for scan in scan_modes:
+        model = cfg.replace(scan_layers=scan)
+        fns = build_step_functions(model, train, mesh)
+        make_state = jax.jit(lambda p, fns=fns: TrainState(step=jnp.zeros((), jnp.int32), params=p,
+                                                           opt_state=fns.optimizer.init(p),
+                                                           rng=jax.random.PRNGKey(0)),
+                             out_shardings=fns.state_shardings)
+        state = [make_state(jax.tree_util.tree_map(np.asarray, params))]
+        t = time.perf_counter()
+        compiled = fns.train_step.lower(state[0], device_batch).compile()
+        compile_s = time.perf_counter() - t
+
+        def jaxar_step(state=state, compiled=compiled):
+            state[0], metrics = compiled(state[0], device_batch)
+            return float(metrics["loss"])
+
+        out.append(Competitor(f"jaxar_scan_{str(scan).lower()}", jaxar_step, compiled, compile_s))
+    return out
+
+
+def first_losses(competitors, steps: int = 2) -> dict:
+    """name -> the losses of the first `steps` steps (step 0: the initial weights; step 1: after one update)."""
+    return {c.name: [c.step() for _ in range(steps)] for c in competitors}
+
+
+def loss_check(losses: dict, reference: str) -> dict:
+    """name -> relative difference of each step's loss to the reference's."""
+    ref = losses[reference]
+    return {name: [abs(a - b) / abs(b) for a, b in zip(ls, ref)] for name, ls in losses.items()}
+
+
+def vs_torch(args) -> int:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    batch_size = args.batch_size or 16
+    seq_len = args.seq_len or 256
+    cfg, train = vs_torch_configs(d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads,
+                                  n_kv_heads=args.n_kv_heads, mlp_dim=args.mlp_dim, vocab_size=args.vocab_size,
+                                  batch_size=batch_size, seq_len=seq_len, tie_embeddings=args.tie_embeddings)
+    from jaxar.models.transformer import init_params
+
+    params = jax.tree_util.tree_map(np.asarray, init_params(cfg, jax.random.PRNGKey(0)))
+    batch = synthetic_batch(batch_size, seq_len, cfg.vocab_size)
+    competitors = build_competitors(cfg, train, params, batch, torch_attn=args.torch_attn)
+    reference = "torch"
+
+    losses = first_losses(competitors)
+    rel = loss_check(losses, reference)
+    ok = all(r[0] <= args.loss_rtol for r in rel.values())
+    print(f"loss check on the same initial weights and batch (relative to {reference}; step 0 tolerance "
+          f"{args.loss_rtol:g}):")
+    for c in competitors:
+        print(f"  {c.name:<18} step0 {losses[c.name][0]:.7f} ({rel[c.name][0]:.1e})   "
+              f"after one update {losses[c.name][1]:.7f} ({rel[c.name][1]:.1e})")
+    print("  " + ("OK" if ok else "MISMATCH"), flush=True)
+
+    times = {c.name: [] for c in competitors}
+    for c in competitors:
+        for _ in range(args.warmup):
+            c.step()
+    for r in range(args.rounds):  # interleaved rounds: a noisy neighbour hits every competitor alike
+        for c in competitors:
+            for _ in range(args.steps):
+                t = time.perf_counter()
+                c.step()  # returns a python float: the step is finished
+                times[c.name].append(time.perf_counter() - t)
+            print(f"  round {r + 1}/{args.rounds} {c.name}: "
+                  f"{statistics.median(times[c.name][-args.steps:]) * 1e3:.0f} ms/step", file=sys.stderr, flush=True)
+
+    tokens = batch_size * seq_len
+    rows = {}
+    for c in competitors:
+        step_s = statistics.median(times[c.name])
+        rows[c.name] = {"step_s": step_s, "tokens_per_s": tokens / step_s, "step_s_min": min(times[c.name]),
+                        "step_s_all": times[c.name], "compile_s": c.compile_s,
+                        "loss_first_steps": losses[c.name], "loss_rel_diff_to_torch": rel[c.name]}
+        if c.compiled is not None:
+            rows[c.name].update(_cost(c.compiled))
+    base_t, base_m = rows["torch"]["tokens_per_s"], rows["minimal_jax"]["tokens_per_s"]
+    print(f"\nLlama d{cfg.d_model} x {cfg.n_layers} layers, {cfg.n_heads} heads / {cfg.num_kv_heads} kv, "
+          f"MLP {cfg.mlp_dim}, vocab {cfg.vocab_size}, {'tied' if cfg.tie_embeddings else 'untied'} head, "
+          f"B{batch_size} x T{seq_len} fp32, AdamW + clip; {jax.default_backend()} jax {jax.__version__}, "
+          f"torch {torch.__version__} ({args.threads} threads, attention {args.torch_attn}); median of "
+          f"{args.rounds} x {args.steps} steps")
+    best_t, best_m = tokens / rows["torch"]["step_s_min"], tokens / rows["minimal_jax"]["step_s_min"]
+    print("(best: the fastest step of each, the least disturbed by other load on the machine; XLA's FLOPs and "
+          "bytes count a scanned loop body once)")
+    print(f"| {'step':<18} | {'tok/s':>8} | {'vs torch':>8} | {'vs minimal JAX':>14} | {'best tok/s':>10} | "
+          f"{'best vs torch':>13} | {'best vs minimal':>15} | {'compile s':>9} | {'GFLOP (XLA)':>11} | "
+          f"{'GB accessed':>11} |")
+    print("|" + "|".join("-" * (w + 1) + (":" if i else "-") for i, w in enumerate((18, 8, 8, 14, 10, 13, 15, 9, 11, 11))) + "|")
+    for name, r in rows.items():
+        comp = f"{r['compile_s']:.1f}" if r["compile_s"] is not None else ""
+        fl = f"{r['flops'] / 1e9:.0f}" if "flops" in r else ""
+        by = f"{r['bytes_accessed'] / 1e9:.1f}" if "bytes_accessed" in r else ""
+        best = tokens / r["step_s_min"]
+        print(f"| {name:<18} | {r['tokens_per_s']:>8,.0f} | {r['tokens_per_s'] / base_t:>7.2f}x | "
+              f"{r['tokens_per_s'] / base_m:>13.2f}x | {best:>10,.0f} | {best / best_t:>12.2f}x | "
+              f"{best / best_m:>14.2f}x | {comp:>9} | {fl:>11} | {by:>11} |")
+    result = {"mode": "vs_torch", "device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
+              "model": cfg.to_dict(), "batch_size": batch_size, "seq_len": seq_len, "lr": train.lr,
+              "weight_decay": train.weight_decay, "grad_clip": train.grad_clip, "torch_threads": args.threads,
+              "torch_attention": args.torch_attn, "loss_check_ok": ok, "loss_rtol": args.loss_rtol,
+              "rounds": args.rounds, "steps": args.steps, "warmup": args.warmup, "results": rows,
+              "jax": jax.__version__, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {args.out}")
+    return 0 if ok else 1
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=os.path.join(ROOT, "configs", "llama-1b.yaml"))
@@ -69,10 +400,29 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, help="global batch (default 32; 8 with --small)")
     parser.add_argument("--seq-len", type=int, help="default 2048; 128 with --small")
     parser.add_argument("--grad-accum", type=int, help="micro-batches per step (default 2; 1 with --small)")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps")
+    parser.add_argument("--steps", type=int, help="timed steps (default 10; --vs-torch: per round, default 3)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--out", default="train_throughput.json")
+    vt = parser.add_argument_group("--vs-torch")
+    vt.add_argument("--vs-torch", action="store_true", help="jaxar vs transformers + torch vs a minimal JAX step")
+    vt.add_argument("--d-model", type=int, default=384)
+    vt.add_argument("--n-layers", type=int, default=6)
+    vt.add_argument("--n-heads", type=int, default=6)
+    vt.add_argument("--n-kv-heads", type=int, default=None, help="default: n_heads (multi-head attention)")
+    vt.add_argument("--mlp-dim", type=int, default=1024)
+    vt.add_argument("--vocab-size", type=int, default=257)
+    vt.add_argument("--tie-embeddings", action="store_true")
+    vt.add_argument("--threads", type=int, default=2, help="torch threads")
+    vt.add_argument("--torch-attn", default="sdpa", help="transformers attention implementation (sdpa | eager)")
+    vt.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
+    vt.add_argument("--loss-rtol", type=float, default=1e-5)
     args = parser.parse_args(argv)
+    if args.vs_torch:
+        args.steps = args.steps or 3
+        if args.out == "train_throughput.json":
+            args.out = "train_throughput_vs_torch.json"
+        return vs_torch(args)
+    args.steps = args.steps or 10
 
     small = args.small or jax.default_backend() == "cpu"
     batch = args.batch_size or (8 if small else 32)
