@@ -20,8 +20,8 @@ from jaxar.config import ConfigError
 from jaxar.train import checkpoint as ckpt
 from jaxar.train import sharding as shd
 from jaxar.train.config import load_run_config, parse_override
-from jaxar.train.trainer import (RunMismatchError, build_step_functions, cross_entropy_sums, lr_schedule,
-                                 read_metrics, train)
+from jaxar.train.trainer import (SCAN_AUTO_MAX_UNROLLED, RunMismatchError, build_step_functions,
+                                 cross_entropy_sums, lr_schedule, read_metrics, resolve_scan_layers, train)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")
@@ -204,6 +204,52 @@ def test_packed_documents_do_not_attend_across_each_other():
     expected, _ = cross_entropy_sums(params, {k: jnp.asarray(v) for k, v in alone.items()}, config)
     assert float(count) == sum(len(d) - 1 for d in docs)
     assert float(total) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_scan_layers_auto_is_resolved_per_platform_and_explicit_values_are_kept():
+    auto = jaxar.ModelConfig.llama(n_layers=4)
+    assert auto.scan_layers == "auto"
+    assert resolve_scan_layers(auto, "cpu").scan_layers is False  # measured faster unrolled on CPU
+    assert resolve_scan_layers(auto, "gpu").scan_layers is False
+    assert resolve_scan_layers(auto, "tpu").scan_layers is True
+    assert resolve_scan_layers(auto.replace(n_layers=SCAN_AUTO_MAX_UNROLLED + 1), "cpu").scan_layers is True
+    for explicit in (True, False):
+        for platform in ("cpu", "gpu", "tpu"):
+            assert resolve_scan_layers(auto.replace(scan_layers=explicit), platform).scan_layers is explicit
+    with pytest.raises(ConfigError, match="model.scan_layers='sometimes'"):
+        auto.replace(scan_layers="sometimes")
+    assert load_run_config(TINY, ["run_dir=r", "model.scan_layers=false"]).model.scan_layers is False
+    assert load_run_config(TINY, ["run_dir=r", "model.scan_layers=auto"]).model.scan_layers == "auto"
+
+
+def test_scan_layers_auto_and_explicit_give_the_same_step(tmp_path):
+    """"auto" builds the step of the resolved value, and scanned / unrolled steps agree."""
+    mesh = shd.make_mesh({"data": 1, "fsdp": 1, "tensor": 1})
+    base = tiny_config(tmp_path)
+    batch = shd.global_batch(_tiny_batch(base), mesh)
+    out = {}
+    for scan in ("auto", True, False):
+        model = base.model.replace(scan_layers=scan)
+        fns = build_step_functions(model, base.train, mesh)
+        state, metrics = fns.train_step(fns.init(jax.random.PRNGKey(0)), batch)
+        out[scan] = (jax.device_get(state.params), float(metrics["loss"]))
+    assert out["auto"][1] == out[jax.default_backend() == "tpu"][1]
+    for scan in (True, False):
+        assert out[scan][1] == pytest.approx(out["auto"][1], rel=1e-6)
+        for a, b in zip(jax.tree_util.tree_leaves(out[scan][0]), jax.tree_util.tree_leaves(out["auto"][0])):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_run_resumes_when_only_scan_layers_changed(tiny_run):
+    """scan_layers is an execution choice: the parameters are the same, so the run is the same run."""
+    run_dir = tiny_run.run_dir
+    with open(os.path.join(run_dir, "run_config.json")) as f:
+        previous = json.load(f)
+    from jaxar.train.trainer import _check_existing_run
+
+    for scan in (True, False, "auto"):
+        cfg = tiny_config(run_dir, f"model.scan_layers={str(scan).lower()}")
+        assert _check_existing_run(cfg, previous, force=False) is False
 
 
 def test_lr_schedule_warms_up_then_decays_to_the_floor():

@@ -154,12 +154,38 @@ class StepFunctions:
     eval_step: Callable  # (params, batch) -> (loss sum, token count)
 
 
-@functools.lru_cache(maxsize=4)
+# model.scan_layers="auto" in training: the layers are scanned on TPU (compile time, memory; what XLA:TPU is
+# built for) and unrolled elsewhere, up to SCAN_AUTO_MAX_UNROLLED layers (unrolled compile time grows with the
+# depth; deeper models keep the scan everywhere). Measured with `benchmarks/train_throughput.py --vs-torch`
+# (BENCHMARKS.md, "Train step vs torch (CPU)"): on XLA:CPU the scanned step stacks every layer's residuals into
+# [n_layers, ...] buffers (zero-filled, then written slice by slice) and is slower than the unrolled one, which
+# runs like a hand-written step. GPU follows the model's own "auto" (jaxar.models.transformer: unrolled off
+# TPU); not measured on a GPU yet (the GPU configs set scan_layers explicitly).
+SCAN_AUTO_PLATFORMS = ("tpu",)
+SCAN_AUTO_MAX_UNROLLED = 32
+
+
+def resolve_scan_layers(model: ModelConfig, platform: Optional[str] = None) -> ModelConfig:
+    """`model` with scan_layers True / False: "auto" picks by platform (default: jax's default backend)
+    and depth, see SCAN_AUTO_PLATFORMS; an explicit True / False is kept."""
+    if model.scan_layers != "auto":
+        return model
+    platform = platform or jax.default_backend()
+    scan = platform in SCAN_AUTO_PLATFORMS or model.n_layers > SCAN_AUTO_MAX_UNROLLED
+    return model.replace(scan_layers=scan)
+
+
 def build_step_functions(model: ModelConfig, train: TrainConfig, mesh: Mesh) -> StepFunctions:
     """Shardings from the logical-axis rules, and the jit-compiled init / train / eval steps.
 
+    model.scan_layers="auto" is resolved for the mesh's platform first (`resolve_scan_layers`).
     Cached on its (hashable) arguments, so repeated runs in one process reuse the compiled steps.
     """
+    return _build_step_functions(resolve_scan_layers(model, mesh.devices.flat[0].platform), train, mesh)
+
+
+@functools.lru_cache(maxsize=4)
+def _build_step_functions(model: ModelConfig, train: TrainConfig, mesh: Mesh) -> StepFunctions:
     abstract_params = jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0)))
     optimizer = make_optimizer(train, abstract_params)
     replicated = NamedSharding(mesh, P())
@@ -417,9 +443,11 @@ def plot_losses(metrics_path: str, out_path: str) -> Optional[str]:
 
 
 def _identity(run: dict) -> dict:
-    """The parts of a run config that must match to resume it."""
+    """The parts of a run config that must match to resume it (not model.scan_layers: scanned or
+    unrolled, the layers and their parameters are the same)."""
     train = run.get("train") or {}
-    return {"model": run.get("model"), "data": run.get("data"), "seed": run.get("seed"),
+    model = {k: v for k, v in (run.get("model") or {}).items() if k != "scan_layers"}
+    return {"model": model, "data": run.get("data"), "seed": run.get("seed"),
             "train": {"seq_len": train.get("seq_len"), "batch_size": train.get("batch_size")}}
 
 
@@ -684,5 +712,6 @@ __all__ = [
     "peak_flops",
     "plot_losses",
     "read_metrics",
+    "resolve_scan_layers",
     "train",
 ]
