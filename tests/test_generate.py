@@ -191,3 +191,31 @@ def _diverse_reference(params, config, prompt, steps, groups, per_group, penalty
             new_beams.append(chosen)
         beams = new_beams
     return [tuple(seq) for group in beams for seq, _ in group]
+
+
+def test_learned_positions_generate_up_to_the_context_equal_transformers(tmp_path):
+    """GPT-2 (64 learned positions): rows whose prompt + new tokens fill the
+    context exactly give transformers' greedy tokens, the last one at position 63."""
+    model, config, params = _load("gpt2", tmp_path, seed=3)
+    assert config.position == "learned" and config.max_seq_len == 64
+    prompts = _prompts(config.vocab_size, [5, 23, 63], seed=3)
+    budgets = [64 - len(p) for p in prompts]
+    toks, lens = pad_prompts(prompts)
+    out = generate(params, toks, lens, config=config, max_new_tokens=max(budgets), budgets=budgets, eos_ids=[])
+    assert out.num_tokens.tolist() == budgets
+    for b, prompt in enumerate(prompts):
+        ref = _hf_generate(model, prompt, max_new_tokens=budgets[b], min_new_tokens=budgets[b], do_sample=False)
+        assert _strip(out.tokens[b], budgets[b]) == ref
+
+
+def test_request_past_a_learned_context_is_a_clear_error(tmp_path):
+    _, config, params = _load("gpt2", tmp_path)
+    toks, lens = pad_prompts([[5, 6, 7], [8] * 10])
+    with pytest.raises(ValueError, match=r"row 1: prompt of 10 tokens plus 55 new tokens exceeds the model's context "
+                                         r"of 64 .*lower max_new_tokens"):
+        generate(params, toks, lens, config=config, max_new_tokens=55)
+    with pytest.raises(ValueError, match="exceeds the model's context of 64"):
+        beam_search(params, toks, lens, config=config, max_new_tokens=60, num_beams=2)
+    # per-row budgets that fit are fine
+    out = generate(params, toks, lens, config=config, max_new_tokens=61, budgets=[61, 54], eos_ids=[])
+    assert out.num_tokens.tolist() == [61, 54]

@@ -166,3 +166,36 @@ def test_pallas_verify_kernel_in_the_loop_equals_jnp_acceptance(draft):
     got = speculative_generate(params, toks, lens, verify_backend="pallas", **common)
     np.testing.assert_array_equal(got.tokens, ref.tokens)
     np.testing.assert_array_equal(got.accepted, ref.accepted)
+
+
+def test_mixed_greedy_and_sampled_rows(setup):
+    """Greedy rows of a batch that also samples equal plain greedy; sampled rows equal
+    speculative sampling with that setting for every row."""
+    params, toks, lens, plain = setup
+    rows = [SamplingConfig(temperature=0.0), SamplingConfig(temperature=1.0), SamplingConfig(temperature=0.0),
+            SamplingConfig(temperature=1.0)]
+    common = dict(config=TARGET, max_new_tokens=12, num_draft=3, eos_ids=[3], draft="ngram", seed=4)
+    mixed = speculative_generate(params, toks, lens, sampling=rows, **common)
+    sampled = speculative_generate(params, toks, lens, sampling=SamplingConfig(temperature=1.0), **common)
+    for b in (0, 2):
+        np.testing.assert_array_equal(mixed.tokens[b], plain.tokens[b])
+    for b in (1, 3):
+        np.testing.assert_array_equal(mixed.tokens[b], sampled.tokens[b])
+
+
+def test_learned_positions_speculate_up_to_the_context():
+    """GPT-2 (learned positions): drafts past the last position are never kept; the
+    output up to the full context equals plain greedy."""
+    config = jaxar.ModelConfig.gpt2(vocab_size=40, d_model=24, n_layers=2, n_heads=3, mlp_dim=40, max_seq_len=32,
+                                    initializer_range=0.3)
+    params = jaxar.init_params(config, 2)
+    toks, lens = pad_prompts([[1, 2, 3, 1, 2, 3], [4] * 20])
+    budgets = [32 - 6, 32 - 20]
+    plain = generate(params, toks, lens, config=config, max_new_tokens=26, budgets=budgets, eos_ids=[])
+    for kw in (dict(draft="ngram"), dict(draft="model", draft_params=params, draft_config=config)):
+        spec = speculative_generate(params, toks, lens, config=config, max_new_tokens=26, budgets=budgets,
+                                    num_draft=4, eos_ids=[], **kw)
+        np.testing.assert_array_equal(spec.tokens, plain.tokens)
+        assert spec.num_tokens.tolist() == budgets
+    with pytest.raises(ValueError, match="exceeds the model's context of 32"):
+        speculative_generate(params, toks, lens, config=config, max_new_tokens=26, num_draft=2, draft="ngram")
