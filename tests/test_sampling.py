@@ -9,7 +9,7 @@ import pytest
 from scipy import stats
 
 from jaxar.decode import sampling as S
-from jaxar.decode.sampling import SamplingConfig
+from jaxar.decode.sampling import SamplingConfig, SamplingParams
 
 torch = pytest.importorskip("torch")
 lp = pytest.importorskip("transformers.generation.logits_process")
@@ -265,3 +265,49 @@ def test_apply_cfg_formula_and_hf():
     c2[0, 3] = -np.inf
     assert np.isneginf(np.asarray(S.apply_cfg(c2, u, 2.0))[0, 3])
     assert np.isfinite(np.asarray(S.apply_cfg(c2, u, 2.0))[1]).all()
+
+
+# --------------------------------------------------------------------------- per-row traced settings
+
+PER_ROW = [
+    SamplingConfig(temperature=0.0, repetition_penalty=1.6),
+    SamplingConfig(temperature=0.7, top_k=10, top_p=0.9, min_p=0.05, repetition_penalty=1.3),
+    SamplingConfig(temperature=1.5, top_p=0.6),
+    SamplingConfig(temperature=0.5, top_k=3),
+    SamplingConfig(temperature=1.0, min_p=0.2, repetition_penalty=0.8),
+    SamplingConfig(temperature=1.0),
+]
+
+
+def test_per_row_params_equal_each_rows_static_config():
+    """SamplingParams rows give bit-for-bit what each row's SamplingConfig gives
+    (which the tests above compare with transformers): disabled settings leave a
+    row unchanged, greedy rows are only penalised."""
+    B, V = len(PER_ROW), 64
+    x = _logits(20, (B, V))
+    x[2, 10:20] = 0.5  # ties under top-p
+    ids = np.random.default_rng(21).integers(0, V, size=(B, 10))
+    mask = np.arange(10)[None] < np.array([10, 7, 3, 10, 1, 0])[:, None]
+    params = SamplingParams.build(PER_ROW, B)
+    f = jax.jit(lambda *a: S.process_logits(*a))
+    ours = np.asarray(f(x, params, ids, mask))
+    probs = np.asarray(jax.jit(S.probabilities)(x, params, ids, mask))
+    keys = S.row_keys(3, B, step=2)
+    toks = np.asarray(jax.jit(S.sample)(keys, x, params, ids, mask))
+    for b, cfg in enumerate(PER_ROW):
+        one = (x[b:b + 1], cfg, ids[b:b + 1], mask[b:b + 1])
+        np.testing.assert_array_equal(ours[b], np.asarray(S.process_logits(*one))[0])
+        np.testing.assert_array_equal(probs[b], np.asarray(S.probabilities(*one))[0])
+        assert toks[b] == int(S.sample(keys[b:b + 1], *one)[0])
+    # other values, same program
+    f(x, SamplingParams.build([SamplingConfig(temperature=0.3, top_p=0.5)] * B, B), ids, mask)
+    assert f._cache_size() == 1
+
+
+def test_per_row_params_over_positions():
+    """[B, T, V] logits (speculative verification) take [B] settings per row."""
+    x = _logits(22, (3, 4, 30))
+    rows = PER_ROW[1:4]
+    ours = np.asarray(S.probabilities(x, SamplingParams.build(rows, 3)))
+    for b, cfg in enumerate(rows):
+        np.testing.assert_array_equal(ours[b], np.asarray(S.probabilities(x[b], cfg)))

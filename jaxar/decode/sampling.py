@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, NamedTuple, Sequence, Union
+from typing import Any, NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -127,6 +127,9 @@ class SamplingParams(NamedTuple):
     top_p: jax.Array  # [B] float32
     min_p: jax.Array  # [B] float32
     repetition_penalty: jax.Array  # [B] float32
+    # [B] float32: 1 - top_p computed in float64 on the host, then rounded, as
+    # Hugging Face (and a static SamplingConfig) compare against it. None: 1 - top_p in float32.
+    top_p_cut: Optional[jax.Array] = None
 
     @classmethod
     def build(cls, sampling: Union[SamplingConfig, "SamplingParams", Sequence[SamplingConfig]],
@@ -140,14 +143,17 @@ class SamplingParams(NamedTuple):
         if isinstance(sampling, SamplingConfig):
             rows = [sampling.validate()] * batch
         elif isinstance(sampling, SamplingParams):
-            params = SamplingParams(*(jnp.asarray(x, d) for x, d in zip(sampling, _PARAM_DTYPES)))
-            for name, value in zip(cls._fields, params):
+            settings = tuple(jnp.asarray(x, d) for x, d in zip(sampling[:5], _PARAM_DTYPES))
+            for name, value in zip(cls._fields, settings):
                 if value.shape != (batch,):
                     raise ValueError(f"SamplingParams.{name} must have shape ({batch},), got {value.shape}")
-            if not any(isinstance(x, jax.core.Tracer) for x in params):
+            cut = sampling.top_p_cut
+            if not any(isinstance(x, jax.core.Tracer) for x in settings):
                 for b in range(batch):  # validate concrete values row by row
-                    SamplingConfig(*(np.asarray(x)[b].item() for x in params)).validate()
-            return params
+                    SamplingConfig(*(np.asarray(x)[b].item() for x in settings)).validate()
+                if cut is None:
+                    cut = np.float32(1.0 - np.asarray(settings[2], np.float64))
+            return cls(*settings, top_p_cut=None if cut is None else jnp.asarray(cut, jnp.float32))
         else:
             rows = list(sampling)
             if len(rows) != batch:
@@ -156,8 +162,9 @@ class SamplingParams(NamedTuple):
                 if not isinstance(r, SamplingConfig):
                     raise TypeError(f"per-row sampling settings must be SamplingConfig, got {type(r).__name__}")
                 r.validate()
-        return cls(*(jnp.asarray([getattr(r, name) for r in rows], dtype)
-                     for name, dtype in zip(cls._fields, _PARAM_DTYPES)))
+        settings = (jnp.asarray([getattr(r, name) for r in rows], dtype)
+                    for name, dtype in zip(cls._fields, _PARAM_DTYPES))
+        return cls(*settings, top_p_cut=jnp.asarray(np.array([1.0 - r.top_p for r in rows], np.float64), jnp.float32))
 
     @property
     def greedy(self) -> jax.Array:
@@ -165,7 +172,7 @@ class SamplingParams(NamedTuple):
         return self.temperature == 0.0
 
     def take_rows(self, rows) -> "SamplingParams":
-        return SamplingParams(*(x[rows] for x in self))
+        return SamplingParams(*(None if x is None else x[rows] for x in self))
 
 
 _PARAM_DTYPES = (jnp.float32, jnp.int32, jnp.float32, jnp.float32, jnp.float32)
@@ -294,13 +301,15 @@ def apply_top_k(logits, top_k=0) -> jax.Array:
     return jnp.where((k > 0) & (logits < kth), _NEG_INF, logits)
 
 
-def apply_top_p(logits, top_p=1.0) -> jax.Array:
+def apply_top_p(logits, top_p=1.0, cut=None) -> jax.Array:
     """Hugging Face ``TopPLogitsWarper`` (``min_tokens_to_keep=1``).
 
     Sorting ascending, tokens whose cumulative probability is ``<= 1 - top_p``
     are dropped; the most likely token is always kept. Among tied logits the
     sort is stable (lower index first), as torch's CPU sort is in practice.
     ``top_p == 1`` is a no-op (as in Hugging Face, which skips the warper).
+    ``cut``: per-row ``1 - top_p`` (see ``SamplingParams.top_p_cut``); by
+    default ``1 - top_p`` in float32.
     """
     logits = _f32(logits)
     static = _is_static(top_p)
@@ -309,11 +318,13 @@ def apply_top_p(logits, top_p=1.0) -> jax.Array:
     vocab = logits.shape[-1]
     lead = logits.shape[:-1]
     flat = logits.reshape(-1, vocab)
-    p = jnp.float32(top_p) if static else _per_row(top_p, logits).reshape(-1, 1)
+    p = float(top_p) if static else _per_row(top_p, logits).reshape(-1, 1)
     order = jnp.argsort(flat, axis=-1, stable=True)  # ascending
     sorted_logits = jnp.take_along_axis(flat, order, axis=-1)
     cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
-    remove_sorted = cum <= (1.0 - p)
+    # static: 1 - top_p in float64, rounded once when compared (as Hugging Face does)
+    threshold = 1.0 - p if static or cut is None else _per_row(cut, logits).reshape(-1, 1)
+    remove_sorted = cum <= threshold
     remove_sorted = remove_sorted.at[:, -1].set(False)
     rows = flat.shape[0]
     remove = jnp.zeros_like(remove_sorted).at[jnp.arange(rows)[:, None], order].set(remove_sorted)
@@ -381,7 +392,7 @@ def process_logits(logits, config: Sampling, prev_tokens=None, prev_mask=None) -
                         lambda x: apply_repetition_penalty(x, prev_tokens, prev_mask, config.repetition_penalty), out)
     warped = apply_temperature(out, config.temperature)
     warped = _when_any(config.top_k > 0, lambda x: apply_top_k(x, config.top_k), warped)
-    warped = _when_any(config.top_p < 1.0, lambda x: apply_top_p(x, config.top_p), warped)
+    warped = _when_any(config.top_p < 1.0, lambda x: apply_top_p(x, config.top_p, config.top_p_cut), warped)
     warped = _when_any(config.min_p > 0.0, lambda x: apply_min_p(x, config.min_p), warped)
     return jnp.where(_greedy_rows(config, out), out, warped)
 
