@@ -330,6 +330,8 @@ def forward(params, tokens=None, *, config: ModelConfig, positions=None, cache: 
             raise ValueError(f"{name} {bad} out of range: use indices in 0..{config.n_layers}")
     if cond is not None:
         cond = jnp.asarray(cond)
+        if not config.cond_dim:
+            raise ValueError("cond was given but model.cond_dim is 0; set model.cond_dim to the conditioning width")
         if cond.shape != (B, config.cond_dim):
             raise ValueError(f"cond must be [batch, cond_dim] = {(B, config.cond_dim)}, got {cond.shape}")
     order_ids = None
