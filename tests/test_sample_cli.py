@@ -131,3 +131,84 @@ def test_speculative_flags_give_plain_greedy_output_and_stats(model_dir, tmp_pat
     if draft == "self":  # the model drafting for itself is always accepted
         assert s["acceptance_rate_per_position"] == [1.0, 1.0, 1.0]
     assert "mean accepted length" in err
+
+
+def _word_tokenizer_dir(path, post_processor: bool, add_bos_token=None):
+    """A word-level tokenizer.json ("<s>" = 0, "</s>" = 1, words a..z = 2..27), optionally
+    with a post-processor that puts <s> in front of every text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    vocab = {"<s>": 0, "</s>": 1, **{chr(97 + i): 2 + i for i in range(26)}, "[UNK]": 28}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    if post_processor:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    path.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path / "tokenizer.json"))
+    config = {"bos_token": "<s>", "eos_token": "</s>", "tokenizer_class": "PreTrainedTokenizerFast"}
+    if add_bos_token is not None:
+        config["add_bos_token"] = add_bos_token
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    return path
+
+
+@pytest.mark.parametrize("post_processor,add_bos_token,bos", [(True, None, True), (False, True, True),
+                                                              (True, False, False), (False, None, False)])
+def test_bos_is_added_when_the_tokenizer_says_so(tmp_path, capsys, post_processor, add_bos_token, bos):
+    from jaxar.tokenizer import load_tokenizer
+
+    path = tmp_path / "model"
+    config = jaxar.ModelConfig.llama(vocab_size=29, d_model=16, n_layers=1, n_heads=2, mlp_dim=16, max_seq_len=64,
+                                     eos_token_id=1, initializer_range=0.5)
+    params = jaxar.init_params(config, 0)
+    jaxar.save_pretrained(config, params, str(path))
+    _word_tokenizer_dir(path, post_processor, add_bos_token)
+    tok = load_tokenizer(str(path))
+    assert tok.add_bos == bos
+    expected = ([0] if bos else []) + [2, 3, 4]
+    assert tok.encode_prompt("a b c") == expected
+    if add_bos_token is None:  # transformers' fast tokenizer follows the post-processor alone
+        transformers = pytest.importorskip("transformers")
+        hf = transformers.PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"))
+        assert hf("a b c").input_ids == expected
+    code, rows, _ = _run(["--model", str(path), "--prompt", "a b c", "--temperature", "0", "--max-new-tokens", "6"],
+                         capsys)
+    t, l_ = pad_prompts([expected])
+    ref = generate(params, t, l_, config=config, max_new_tokens=6, eos_ids=[1])
+    assert code == 0 and rows[0]["tokens"] == [int(x) for x in ref.tokens[0, :int(ref.num_tokens[0])]]
+
+
+def test_generation_config_eos_ids_are_honoured(model_dir, tmp_path, capsys):
+    import shutil
+
+    path = tmp_path / "m"
+    shutil.copytree(model_dir, path)
+    config, params = jaxar.from_pretrained(str(path))
+    prompt = ByteTokenizer().encode("abc")
+    t, l_ = pad_prompts([prompt])
+    free = [int(x) for x in generate(params, t, l_, config=config, max_new_tokens=8, eos_ids=[]).tokens[0]]
+    stop = free[3]
+    assert stop not in free[:3] and 256 not in free[:4]
+    for value in (stop, [stop, 250]):
+        (path / "generation_config.json").write_text(json.dumps({"eos_token_id": value}))
+        code, rows, _ = _run(["--model", str(path), "--prompt", "abc", "--temperature", "0", "--max-new-tokens", "8"],
+                             capsys)
+        assert code == 0 and rows[0]["tokens"] == free[:4] and rows[0]["finish_reason"] == "stop"
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [999]}))
+    code, _, err = _run(["--model", str(path), "--prompt", "abc", "--max-new-tokens", "8"], capsys)
+    assert code == 2 and "eos_token_id 999" in err and len(err.strip().splitlines()) == 1
+
+
+def test_gpt2_directory_generates_to_its_context_and_not_past_it(tmp_path, capsys):
+    from tests.hf_models import make_hf_model
+
+    path = tmp_path / "gpt2"
+    make_hf_model("gpt2", seed=1).save_pretrained(path)  # 64 learned positions
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"tokens": list(range(2, 12))}) + "\n")
+    code, rows, _ = _run(["--model", str(path), "--prompts", str(prompts), "--temperature", "0",
+                          "--max-new-tokens", "54"], capsys)
+    assert code == 0 and 1 <= len(rows[0]["tokens"]) <= 54
+    code, rows, err = _run(["--model", str(path), "--prompts", str(prompts), "--max-new-tokens", "55"], capsys)
+    assert code == 2 and rows == [] and "exceeds the model's context of 64" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
