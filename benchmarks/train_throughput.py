@@ -338,15 +338,17 @@ def vs_torch(args) -> int:
     print("  " + ("OK" if ok else "MISMATCH"), flush=True)
 
     times = {c.name: [] for c in competitors}
+    cpu_times = {c.name: [] for c in competitors}  # process CPU seconds: less sensitive to other load
     for c in competitors:
         for _ in range(args.warmup):
             c.step()
     for r in range(args.rounds):  # interleaved rounds: a noisy neighbour hits every competitor alike
         for c in competitors:
             for _ in range(args.steps):
-                t = time.perf_counter()
+                t, cpu = time.perf_counter(), time.process_time()
                 c.step()  # returns a python float: the step is finished
                 times[c.name].append(time.perf_counter() - t)
+                cpu_times[c.name].append(time.process_time() - cpu)
             print(f"  round {r + 1}/{args.rounds} {c.name}: "
                   f"{statistics.median(times[c.name][-args.steps:]) * 1e3:.0f} ms/step", file=sys.stderr, flush=True)
 
@@ -355,7 +357,8 @@ def vs_torch(args) -> int:
     for c in competitors:
         step_s = statistics.median(times[c.name])
         rows[c.name] = {"step_s": step_s, "tokens_per_s": tokens / step_s, "step_s_min": min(times[c.name]),
-                        "step_s_all": times[c.name], "compile_s": c.compile_s,
+                        "step_s_all": times[c.name], "cpu_s": statistics.median(cpu_times[c.name]),
+                        "cpu_s_all": cpu_times[c.name], "compile_s": c.compile_s,
                         "loss_first_steps": losses[c.name], "loss_rel_diff_to_torch": rel[c.name]}
         if c.compiled is not None:
             rows[c.name].update(_cost(c.compiled))
@@ -366,21 +369,32 @@ def vs_torch(args) -> int:
           f"torch {torch.__version__} ({args.threads} threads, attention {args.torch_attn}); median of "
           f"{args.rounds} x {args.steps} steps")
     best_t, best_m = tokens / rows["torch"]["step_s_min"], tokens / rows["minimal_jax"]["step_s_min"]
-    print("(best: the fastest step of each, the least disturbed by other load on the machine; XLA's FLOPs and "
-          "bytes count a scanned loop body once)")
-    print(f"| {'step':<18} | {'tok/s':>8} | {'vs torch':>8} | {'vs minimal JAX':>14} | {'best tok/s':>10} | "
-          f"{'best vs torch':>13} | {'best vs minimal':>15} | {'compile s':>9} | {'GFLOP (XLA)':>11} | "
-          f"{'GB accessed':>11} |")
-    print("|" + "|".join("-" * (w + 1) + (":" if i else "-") for i, w in enumerate((18, 8, 8, 14, 10, 13, 15, 9, 11, 11))) + "|")
+    cpu_t, cpu_m = rows["torch"]["cpu_s"], rows["minimal_jax"]["cpu_s"]
+    print("(best: the fastest step of each, the least disturbed by other load on the machine; CPU s: median "
+          "process CPU seconds per step; XLA's FLOPs and bytes count a scanned loop body once)")
+    cols = ("step", "tok/s", "vs torch", "vs minimal JAX", "best tok/s", "best vs torch", "best vs minimal",
+            "CPU s/step", "CPU vs torch", "CPU vs minimal", "compile s", "GFLOP (XLA)", "GB accessed")
+    widths = [max(len(c), 8) for c in cols]
+    widths[0] = 18
+    print("| " + " | ".join(f"{c:<{w}}" if i == 0 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(cols, widths)))
+          + " |")
+    print("|" + "|".join("-" * (w + 1) + (":" if i else "-") for i, w in enumerate(widths)) + "|")
     for name, r in rows.items():
-        comp = f"{r['compile_s']:.1f}" if r["compile_s"] is not None else ""
-        fl = f"{r['flops'] / 1e9:.0f}" if "flops" in r else ""
-        by = f"{r['bytes_accessed'] / 1e9:.1f}" if "bytes_accessed" in r else ""
         best = tokens / r["step_s_min"]
-        print(f"| {name:<18} | {r['tokens_per_s']:>8,.0f} | {r['tokens_per_s'] / base_t:>7.2f}x | "
-              f"{r['tokens_per_s'] / base_m:>13.2f}x | {best:>10,.0f} | {best / best_t:>12.2f}x | "
-              f"{best / best_m:>14.2f}x | {comp:>9} | {fl:>11} | {by:>11} |")
+        cells = [name, f"{r['tokens_per_s']:,.0f}", f"{r['tokens_per_s'] / base_t:.2f}x",
+                 f"{r['tokens_per_s'] / base_m:.2f}x", f"{best:,.0f}", f"{best / best_t:.2f}x", f"{best / best_m:.2f}x",
+                 f"{r['cpu_s']:.2f}", f"{cpu_t / r['cpu_s']:.2f}x", f"{cpu_m / r['cpu_s']:.2f}x",
+                 f"{r['compile_s']:.1f}" if r["compile_s"] is not None else "",
+                 f"{r['flops'] / 1e9:.0f}" if "flops" in r else "",
+                 f"{r['bytes_accessed'] / 1e9:.1f}" if "bytes_accessed" in r else ""]
+        print("| " + " | ".join(f"{c:<{w}}" if i == 0 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(cells, widths)))
+              + " |")
+    from jaxar.train.trainer import resolve_scan_layers
+
+    auto = resolve_scan_layers(cfg.replace(scan_layers="auto")).scan_layers
+    print(f"model.scan_layers='auto' trains with scan_layers={str(auto).lower()} here")
     result = {"mode": "vs_torch", "device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
+              "scan_layers_auto": auto,
               "model": cfg.to_dict(), "batch_size": batch_size, "seq_len": seq_len, "lr": train.lr,
               "weight_decay": train.weight_decay, "grad_clip": train.grad_clip, "torch_threads": args.threads,
               "torch_attention": args.torch_attn, "loss_check_ok": ok, "loss_rtol": args.loss_rtol,
