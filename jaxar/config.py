@@ -63,8 +63,9 @@ class ModelConfig:
     # Numerics and execution.
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype (activations, KV cache)
-    # True: lax.scan over the layers (fast compiles); False: unrolled; "auto": picked per platform where the
-    # step is built (jaxar.train.trainer.resolve_scan_layers: unrolled on CPU, where it is measured faster).
+    # True: lax.scan over the layers (fast compiles); False: unrolled; "auto": scanned on TPU, unrolled
+    # elsewhere (measured faster on CPU; training: jaxar.train.trainer.resolve_scan_layers, which also keeps
+    # the scan beyond 32 layers for compile time).
     scan_layers: Union[bool, str] = "auto"
     remat: str = "none"  # none | full | dots (checkpoint policy for training)
     attention_backend: str = "xla"
