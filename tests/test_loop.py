@@ -76,11 +76,30 @@ def test_new_sampling_settings_reuse_one_compiled_program():
                        SamplingConfig(temperature=1.0, repetition_penalty=0.8)], max_new_tokens=11,
              budgets=[4, 11, 7], eos_ids=[5, 6]),
     ]
+    # unpadded prompts of other widths fall in the same prompt bucket
+    other_toks, other_lens = pad_prompts([[7, 8, 9, 10, 11, 12, 13], [1], [2, 2]], bucket=False)
     before = _generate._cache_size()
-    for kw in settings:
-        out = generate(params, toks, lens, config=config, **kw)
+    for i, kw in enumerate(settings):
+        t, l_ = (toks, lens) if i % 2 else (other_toks, other_lens)
+        out = generate(params, t, l_, config=config, **kw)
         assert out.tokens.shape == (3, kw["max_new_tokens"])
     assert _generate._cache_size() - before == 1
+
+
+def test_speculative_reuses_its_program_across_sampling_settings():
+    from jaxar.decode.speculative import _speculative, speculative_generate
+
+    config = jaxar.ModelConfig.llama(vocab_size=40, d_model=16, n_layers=1, n_heads=2, mlp_dim=24, max_seq_len=128,
+                                     initializer_range=0.4)
+    params = jaxar.init_params(config, 0)
+    toks, lens = pad_prompts([[1, 2, 3, 1, 2], [4, 5]])
+    before = _speculative._cache_size()
+    for kw in (dict(sampling=SamplingConfig(temperature=0.0), max_new_tokens=9),
+               dict(sampling=SamplingConfig(temperature=0.8, top_k=4), max_new_tokens=13, seed=2),
+               dict(sampling=[SamplingConfig(temperature=0.0), SamplingConfig(temperature=1.1, top_p=0.9)],
+                    max_new_tokens=16, eos_ids=[4])):
+        speculative_generate(params, toks, lens, config=config, num_draft=3, draft="ngram", **kw)
+    assert _speculative._cache_size() - before == 1
 
 
 def test_per_row_settings_equal_each_setting_alone():

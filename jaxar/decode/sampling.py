@@ -404,7 +404,10 @@ def probabilities(logits, config: Sampling, prev_tokens=None, prev_mask=None) ->
     argmax. Used by speculative decoding for the target ``p`` and draft ``q``.
     """
     processed = process_logits(logits, config, prev_tokens, prev_mask)
-    one_hot = lambda: jax.nn.one_hot(jnp.argmax(processed, axis=-1), processed.shape[-1], dtype=jnp.float32)  # noqa: E731
+
+    def one_hot():
+        return jax.nn.one_hot(jnp.argmax(processed, axis=-1), processed.shape[-1], dtype=jnp.float32)
+
     if isinstance(config, SamplingConfig):
         return one_hot() if config.greedy else jax.nn.softmax(processed, axis=-1)
     return jnp.where(_greedy_rows(config, processed), one_hot(), jax.nn.softmax(processed, axis=-1))
