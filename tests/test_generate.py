@@ -219,3 +219,26 @@ def test_request_past_a_learned_context_is_a_clear_error(tmp_path):
     # per-row budgets that fit are fine
     out = generate(params, toks, lens, config=config, max_new_tokens=61, budgets=[61, 54], eos_ids=[])
     assert out.num_tokens.tolist() == [61, 54]
+
+
+def test_params_go_through_the_models_decode_layout_once_per_call(monkeypatch):
+    """When the model offers `transformer.decode_params`, every entry point converts
+    the params with it once, outside jit (the draft model's too)."""
+    from jaxar.decode.speculative import speculative_generate
+    from jaxar.models import transformer
+
+    calls = []
+
+    def decode_params(params, config):
+        calls.append(config)
+        return params
+
+    monkeypatch.setattr(transformer, "decode_params", decode_params, raising=False)
+    config = jaxar.ModelConfig.llama(vocab_size=30, d_model=16, n_layers=1, n_heads=2, mlp_dim=16, max_seq_len=64)
+    params = jaxar.init_params(config, 0)
+    toks, lens = pad_prompts([[1, 2, 3]])
+    generate(params, toks, lens, config=config, max_new_tokens=3)
+    beam_search(params, toks, lens, config=config, max_new_tokens=3, num_beams=2)
+    speculative_generate(params, toks, lens, config=config, max_new_tokens=3, num_draft=2, draft_params=params,
+                         draft_config=config)
+    assert calls == [config] * 4
