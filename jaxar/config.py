@@ -17,6 +17,13 @@ _ATTENTION_BACKENDS = ("xla", "cudnn", "pallas")
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
+# scan_layers="auto": where the layer scan pays (TPU: compile time and the scan's
+# memory schedule); elsewhere unrolled, which measured faster on CPU (the scan
+# writes stacked per-layer residuals every step), up to this many layers.
+SCAN_AUTO_PLATFORMS = ("tpu",)
+SCAN_AUTO_MAX_UNROLLED = 32
+
+
 class ConfigError(ValueError):
     """A configuration value is missing, unknown or out of range."""
 
@@ -64,8 +71,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype (activations, KV cache)
     # True: lax.scan over the layers (fast compiles); False: unrolled; "auto": scanned on TPU, unrolled
-    # elsewhere (measured faster on CPU; training: jaxar.train.trainer.resolve_scan_layers, which also keeps
-    # the scan beyond 32 layers for compile time).
+    # elsewhere (measured faster on CPU) up to SCAN_AUTO_MAX_UNROLLED layers (see uses_scan).
     scan_layers: Union[bool, str] = "auto"
     remat: str = "none"  # none | full | dots (checkpoint policy for training)
     attention_backend: str = "xla"
@@ -80,6 +86,17 @@ class ModelConfig:
         if isinstance(self.rope_scaling, dict):
             object.__setattr__(self, "rope_scaling", freeze_dict(self.rope_scaling))
         self.validate()
+
+    def uses_scan(self, platform: Optional[str] = None) -> bool:
+        """Whether the no-cache (training / scoring) path scans the layers on `platform`
+        (default: jax's default backend). "auto": scanned on SCAN_AUTO_PLATFORMS, or
+        beyond SCAN_AUTO_MAX_UNROLLED layers (compile time), unrolled otherwise."""
+        if self.scan_layers != "auto":
+            return bool(self.scan_layers)
+        import jax
+
+        platform = platform or jax.default_backend()
+        return platform in SCAN_AUTO_PLATFORMS or self.n_layers > SCAN_AUTO_MAX_UNROLLED
 
     # Derived sizes -----------------------------------------------------
     @property

@@ -20,7 +20,8 @@ from jaxar.config import ConfigError
 from jaxar.train import checkpoint as ckpt
 from jaxar.train import sharding as shd
 from jaxar.train.config import load_run_config, parse_override
-from jaxar.train.trainer import (SCAN_AUTO_MAX_UNROLLED, RunMismatchError, build_step_functions,
+from jaxar.config import SCAN_AUTO_MAX_UNROLLED
+from jaxar.train.trainer import (RunMismatchError, build_step_functions,
                                  cross_entropy_sums, lr_schedule, read_metrics, resolve_scan_layers, train)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

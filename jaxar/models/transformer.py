@@ -125,12 +125,6 @@ class Transformer(nn.Module):
         return apply_model(self.config, params, tokens, inputs, cache_kv=cache_kv, **kw)
 
 
-def _use_scan(config: ModelConfig) -> bool:
-    if config.scan_layers == "auto":
-        return jax.default_backend() == "tpu"
-    return bool(config.scan_layers)
-
-
 def _remat_policy(name: str):
     if name == "dots":
         return jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims
@@ -169,7 +163,7 @@ def apply_model(config: ModelConfig, params: dict, tokens, inputs: AttentionInpu
     n = cfg.n_layers
 
     layers = params["layers"]
-    if cache_kv is not None or is_decode_layout(params) or not _use_scan(cfg):
+    if cache_kv is not None or is_decode_layout(params) or not cfg.uses_scan():
         per_layer = list(layers) if is_decode_layout(params) else _unstack(layers, n)
         step = lambda p, x: L.block(cfg, p, x, inputs, None, cond)[0]  # noqa: E731
         if cfg.remat != "none" and cache_kv is None:

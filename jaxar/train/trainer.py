@@ -156,13 +156,12 @@ class StepFunctions:
 
 # model.scan_layers="auto" in training: the layers are scanned on TPU (compile time, memory; what XLA:TPU is
 # built for) and unrolled elsewhere, up to SCAN_AUTO_MAX_UNROLLED layers (unrolled compile time grows with the
-# depth; deeper models keep the scan everywhere). Measured with `benchmarks/train_throughput.py --vs-torch`
+# depth; deeper models keep the scan everywhere; the rule is ModelConfig.uses_scan, shared with the model's
+# scoring path). Measured with `benchmarks/train_throughput.py --vs-torch`
 # (BENCHMARKS.md, "Train step vs torch (CPU)"): on XLA:CPU the scanned step stacks every layer's residuals into
 # [n_layers, ...] buffers (zero-filled, then written slice by slice) and is slower than the unrolled one, which
-# runs like a hand-written step. GPU follows the model's own "auto" (jaxar.models.transformer: unrolled off
-# TPU); not measured on a GPU yet (the GPU configs set scan_layers explicitly).
-SCAN_AUTO_PLATFORMS = ("tpu",)
-SCAN_AUTO_MAX_UNROLLED = 32
+# runs like a hand-written step. GPU: unrolled; not measured on a GPU yet (the GPU configs set scan_layers
+# explicitly).
 
 
 def resolve_scan_layers(model: ModelConfig, platform: Optional[str] = None) -> ModelConfig:
@@ -170,9 +169,7 @@ def resolve_scan_layers(model: ModelConfig, platform: Optional[str] = None) -> M
     and depth, see SCAN_AUTO_PLATFORMS; an explicit True / False is kept."""
     if model.scan_layers != "auto":
         return model
-    platform = platform or jax.default_backend()
-    scan = platform in SCAN_AUTO_PLATFORMS or model.n_layers > SCAN_AUTO_MAX_UNROLLED
-    return model.replace(scan_layers=scan)
+    return model.replace(scan_layers=model.uses_scan(platform))
 
 
 def build_step_functions(model: ModelConfig, train: TrainConfig, mesh: Mesh) -> StepFunctions:
