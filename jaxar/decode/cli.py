@@ -115,9 +115,13 @@ def _load_model(path: str, dtype):
     if not os.access(path, os.R_OK | os.X_OK):
         raise UsageError(f"--model {path}: directory is not readable")
     try:
-        return jaxar.from_pretrained(path, dtype=dtype)
+        config, params = jaxar.from_pretrained(path, dtype=dtype)
     except (FileNotFoundError, ConfigError, CheckpointError, PermissionError) as e:
         raise UsageError(f"--model {path}: {e}") from None
+    from jaxar.models.transformer import decode_params
+
+    # Once per run, not per batch: the layers unstacked, q|k|v and gate|up fused.
+    return config, decode_params(params, config)
 
 
 def _load_tokenizer(path: str):
