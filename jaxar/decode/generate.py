@@ -156,6 +156,19 @@ def _budgets_array(budgets, batch: int, max_new_tokens: int) -> np.ndarray:
     return np.minimum(budgets, max_new_tokens)
 
 
+def check_request(prompts, lengths, budgets, max_new_tokens: int, sampling):
+    """The host-side arrays of a request: prompts int32 [B, P], lengths [B],
+    budgets [B] (<= max_new_tokens) and per-row `SamplingParams`; one-line errors."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    prompts = np.asarray(prompts, np.int32)
+    if prompts.ndim != 2:
+        raise ValueError(f"prompts must be [batch, P], got shape {prompts.shape}")
+    B = prompts.shape[0]
+    return (prompts, _lengths_array(lengths, B), _budgets_array(budgets, B, max_new_tokens),
+            SamplingParams.build(sampling, B))
+
+
 def generate(params, prompts, lengths, *, config: ModelConfig, max_new_tokens: int,
              sampling: Sampling = SamplingConfig(temperature=0.0), seed=0, budgets=None,
              eos_ids: Optional[Sequence[int]] = None, pad_id: int = 0, return_logprobs: bool = False,
@@ -182,16 +195,9 @@ def generate(params, prompts, lengths, *, config: ModelConfig, max_new_tokens: i
     Raises ValueError when a learned-position model's context cannot hold a
     row's prompt plus its new tokens.
     """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    prompts = np.asarray(prompts, np.int32)
-    if prompts.ndim != 2:
-        raise ValueError(f"prompts must be [batch, P], got shape {prompts.shape}")
+    prompts, lengths, budgets, sampling = check_request(prompts, lengths, budgets, max_new_tokens, sampling)
     B = prompts.shape[0]
-    lengths = _lengths_array(lengths, B)
-    budgets = _budgets_array(budgets, B, max_new_tokens)
     check_context(config, lengths, budgets)
-    sampling = SamplingParams.build(sampling, B)
     eos = eos_tuple(config, eos_ids)
     max_prompt = int(lengths.max())
     cfg = None

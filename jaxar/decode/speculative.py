@@ -36,7 +36,7 @@ from jaxar.decode.drafters.aded import ADED_C_PUCT, ADED_CANDIDATES, ADED_TABLE_
 from jaxar.decode.drafters.ngram import ngram_drafts  # noqa: F401
 from jaxar.decode.drafters.trigram import pair_hash as _pair_hash  # noqa: F401
 from jaxar.decode.drafters.trigram import trigram_drafts  # noqa: F401
-from jaxar.decode.generate import (_budgets_array, _lengths_array, check_context, clipped_positions, decode_layout,
+from jaxar.decode.generate import (check_context, check_request, clipped_positions, decode_layout,
                                    eos_array, eos_tuple, fit_width, plan_shapes)
 from jaxar.decode.loop import StepOutput
 from jaxar.decode.sampling import Sampling, SamplingConfig, SamplingParams, probabilities, row_keys
@@ -87,17 +87,10 @@ def speculative_generate(params, prompts, lengths, *, config: ModelConfig, max_n
         raise ValueError(f"verify_backend must be 'jnp' or 'pallas', got {verify_backend!r}")
     if num_draft < 1:
         raise ValueError(f"num_draft must be >= 1, got {num_draft}")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    prompts, lengths, budgets, sampling = check_request(prompts, lengths, budgets, max_new_tokens, sampling)
     drafter, drafter_params = drafters.make(draft, num_draft=num_draft, target_config=config,
                                             draft_params=draft_params, draft_config=draft_config, ngram=ngram)
-    prompts = np.asarray(prompts, np.int32)
-    if prompts.ndim != 2:
-        raise ValueError(f"prompts must be [batch, P], got shape {prompts.shape}")
     B = prompts.shape[0]
-    lengths = _lengths_array(lengths, B)
-    budgets = _budgets_array(budgets, B, max_new_tokens)
-    sampling = SamplingParams.build(sampling, B)
     if np.any(np.asarray(sampling.repetition_penalty) != 1.0):
         raise ValueError("speculative decoding does not support repetition_penalty yet; use generate()")
     check_context(config, lengths, budgets)
