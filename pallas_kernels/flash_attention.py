@@ -694,6 +694,20 @@ def _round_up(x: int, m: int) -> int:
   return -(-x // m) * m
 
 
+def _check_token_ids(name, ids, q, k):
+  """Per-token int ids ([batch, seq], self-attention only): one-line errors."""
+  if q.shape[1] != k.shape[1]:
+    raise ValueError(f"flash_attention: {name} require seq_q == seq_k, "
+                     f"got {q.shape[1]} and {k.shape[1]}")
+  if getattr(ids, "shape", None) != q.shape[:2]:
+    raise ValueError(
+        f"flash_attention: {name} must have shape [batch, seq] = "
+        f"{q.shape[:2]}, got {getattr(ids, 'shape', None)}")
+  if not jnp.issubdtype(ids.dtype, jnp.integer):
+    raise ValueError(f"flash_attention: {name} must be integers, got "
+                     f"{ids.dtype}")
+
+
 def _check_inputs(q, k, v, segment_ids, block_ids=None, causal=True):
   for name, x in (("q", q), ("k", k), ("v", v)):
     if getattr(x, "ndim", None) != 4:
@@ -722,30 +736,12 @@ def _check_inputs(q, k, v, segment_ids, block_ids=None, causal=True):
     raise ValueError(f"flash_attention: floating inputs required, got "
                      f"{q.dtype}")
   if segment_ids is not None:
-    if q.shape[1] != k.shape[1]:
-      raise ValueError("flash_attention: segment_ids require seq_q == seq_k, "
-                       f"got {q.shape[1]} and {k.shape[1]}")
-    if segment_ids.shape != q.shape[:2]:
-      raise ValueError(
-          f"flash_attention: segment_ids must have shape [batch, seq] = "
-          f"{q.shape[:2]}, got {segment_ids.shape}")
-    if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
-      raise ValueError("flash_attention: segment_ids must be integers, got "
-                       f"{segment_ids.dtype}")
+    _check_token_ids("segment_ids", segment_ids, q, k)
   if block_ids is not None:
     if not causal:
       raise ValueError("flash_attention: block_ids define the mask; pass "
                        "causal=True with them (all-equal ids: bidirectional)")
-    if q.shape[1] != k.shape[1]:
-      raise ValueError("flash_attention: block_ids require seq_q == seq_k, "
-                       f"got {q.shape[1]} and {k.shape[1]}")
-    if getattr(block_ids, "shape", None) != q.shape[:2]:
-      raise ValueError(
-          f"flash_attention: block_ids must have shape [batch, seq] = "
-          f"{q.shape[:2]}, got {getattr(block_ids, 'shape', None)}")
-    if not jnp.issubdtype(block_ids.dtype, jnp.integer):
-      raise ValueError("flash_attention: block_ids must be integers, got "
-                       f"{block_ids.dtype}")
+    _check_token_ids("block_ids", block_ids, q, k)
 
 
 def _check_block(name: str, b: int):

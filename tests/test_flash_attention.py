@@ -65,6 +65,16 @@ CASES = [
 ]
 
 
+def _assert_matches_reference(out, grads, ref_out, ref_grads, q, k, v):
+  """Output and dq/dk/dv: shapes, dtypes and relative error < 1e-4 vs the reference."""
+  assert out.shape == q.shape and out.dtype == q.dtype
+  assert _rel(out, ref_out) < 1e-4
+  for name, g, rg, x in zip("qkv", grads, ref_grads, (q, k, v)):
+    assert g.shape == x.shape and g.dtype == x.dtype, name
+    err = _rel(g, rg)
+    assert err < 1e-4, f"d{name}: rel err {err}"
+
+
 @pytest.mark.parametrize(
     "b,sq,sk,h,kh,d,causal,segments,block_q,block_k", CASES)
 def test_forward_and_gradients(b, sq, sk, h, kh, d, causal, segments, block_q,
@@ -79,12 +89,7 @@ def test_forward_and_gradients(b, sq, sk, h, kh, d, causal, segments, block_q,
 
   out, grads = _run(run, q, k, v, ct)
   ref_out, ref_grads = _reference_vjp(q, k, v, ct, seg, causal)
-  assert out.shape == q.shape and out.dtype == q.dtype
-  assert _rel(out, ref_out) < 1e-4
-  for name, g, rg, x in zip("qkv", grads, ref_grads, (q, k, v)):
-    assert g.shape == x.shape and g.dtype == x.dtype, name
-    err = _rel(g, rg)
-    assert err < 1e-4, f"d{name}: rel err {err}"
+  _assert_matches_reference(out, grads, ref_out, ref_grads, q, k, v)
 
 
 def test_bf16_forward():
@@ -267,12 +272,7 @@ def _check_block_ids_case(kind, b, t, h, kh, d, segments, block_q, block_k,
   out, grads = _run(run, q, k, v, ct)
   mask = _order_mask_loop(ids, None if seg is None else np.asarray(seg))
   ref_out, ref_grads = _masked_reference_vjp(q, k, v, ct, mask)
-  assert out.shape == q.shape and out.dtype == q.dtype
-  assert _rel(out, ref_out) < 1e-4
-  for name, g, rg, x in zip("qkv", grads, ref_grads, (q, k, v)):
-    assert g.shape == x.shape and g.dtype == x.dtype, name
-    err = _rel(g, rg)
-    assert err < 1e-4, f"d{name}: rel err {err}"
+  _assert_matches_reference(out, grads, ref_out, ref_grads, q, k, v)
 
 
 # (kind, batch, T, heads, kv_heads, head_dim, segments, block_q, block_k)
