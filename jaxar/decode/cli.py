@@ -1,5 +1,27 @@
 """The `sample.py` command line: batch generation from a jaxar or Hugging Face model directory.
 
+Prompts: `--prompt TEXT` (repeatable), `--chat TEXT` (repeatable: one
+conversation of one user turn each, after `--system TEXT` if given), or
+`--prompts FILE.jsonl` whose rows hold "prompt" (text), "tokens" (ids) or
+"messages" (a conversation `[{"role", "content"}, ...]`). Conversations are
+rendered with the model's chat template as transformers'
+`apply_chat_template(add_generation_prompt=True)` renders them (jaxar.chat),
+tokenized without adding BOS again, and generation also stops at the
+end-of-turn tokens (`<|im_end|>`, `<|eot_id|>`, `<|end|>`, `<end_of_turn>`)
+the vocabulary has.
+
+Output: one JSONL row per prompt (per sample with `--num-samples N > 1`,
+which adds a "sample" index): "prompt" (the text, token ids, or for a
+conversation the rendered prompt text, with the conversation under
+"messages"), "completion", "tokens" (generated ids) and "finish_reason"
+("stop": EOS / end of turn / a `--stop` string; "length": the budget).
+
+`--stop STRING` (repeatable): a completion ends before the first occurrence
+of any stop string in its decoded text; "tokens" then ends with the token that
+completed the stop string. `--stream` prints completions to stdout as they are
+produced (row by row, in order; each followed by a newline) and writes the
+JSONL only to `--output`.
+
 Bad input ends with one line on stderr and exit code 2, never a traceback.
 """
 
@@ -7,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -23,13 +46,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sample.py", description="Batch generation with jaxar.")
     p.add_argument("--model", required=True, help="jaxar run/checkpoint directory or Hugging Face model directory")
     p.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
-    p.add_argument("--prompts", help="JSONL file: rows with \"prompt\" (text) or \"tokens\" (ids)")
+    p.add_argument("--prompts", help="JSONL file: rows with \"prompt\" (text), \"tokens\" (ids) or \"messages\" "
+                   "(a conversation: [{\"role\": ..., \"content\": ...}, ...], rendered with the chat template)")
+    p.add_argument("--chat", action="append", default=[], help="a user message, rendered with the model's chat "
+                   "template (repeatable: one conversation each)")
+    p.add_argument("--system", help="system message for the --chat conversations")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--min-p", type=float, default=0.0)
     p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI presence penalty: subtracted once "
+                   "from the logit of every token generated so far (the prompt does not count)")
+    p.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI frequency penalty: subtracted from "
+                   "a token's logit once per time it was generated so far (the prompt does not count)")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable): the completion ends "
+                   "before its first occurrence")
+    p.add_argument("--num-samples", type=int, default=1, help="completions per prompt (rows carry a \"sample\" "
+                   "index when > 1)")
+    p.add_argument("--stream", action="store_true", help="print completions to stdout as they are generated, in "
+                   "row order; the JSONL goes to --output only")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--num-beams", type=int, default=1)
@@ -69,14 +106,48 @@ def _check_flags(args) -> None:
         raise UsageError("--draft (speculative decoding) and --num-beams cannot be combined")
     if args.draft and args.repetition_penalty != 1.0:
         raise UsageError("--draft does not support --repetition-penalty yet")
-    if bool(args.prompt) == bool(args.prompts):
-        raise UsageError("give prompts with --prompt TEXT (repeatable) or --prompts FILE.jsonl, not both or neither")
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = getattr(args, name)
+        if not math.isfinite(value):
+            raise UsageError(f"--{name.replace('_', '-')} must be a finite number (0 = off), got {value}")
+    if args.num_samples < 1:
+        raise UsageError(f"--num-samples must be >= 1, got {args.num_samples}")
+    if args.num_samples > 1 and args.num_beams > 1:
+        raise UsageError("--num-samples > 1 and --num-beams cannot be combined (beam search returns one sequence)")
+    penalties = args.presence_penalty != 0 or args.frequency_penalty != 0
+    if penalties and args.draft:
+        raise UsageError("--draft does not support --presence-penalty / --frequency-penalty yet")
+    if penalties and args.num_beams > 1:
+        raise UsageError("--num-beams does not support --presence-penalty / --frequency-penalty")
+    if args.stream and (args.draft or args.num_beams > 1):
+        raise UsageError("--stream works with plain sampling only, not with --draft or --num-beams")
+    if any(s == "" for s in args.stop):
+        raise UsageError("--stop needs a non-empty string")
+    if sum(map(bool, (args.prompt, args.prompts, args.chat))) != 1:
+        raise UsageError("give prompts with --prompt TEXT (repeatable), --chat TEXT (repeatable) or --prompts "
+                         "FILE.jsonl: exactly one of them")
+    if args.system is not None and not args.chat:
+        raise UsageError("--system applies to --chat conversations; give --chat TEXT with it (in --prompts files "
+                         "put the system turn in \"messages\")")
+
+
+def _check_messages(messages, where: str) -> list:
+    if not isinstance(messages, list) or not messages:
+        raise UsageError(f"{where}: \"messages\" must be a non-empty list of {{\"role\", \"content\"}} objects")
+    for k, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise UsageError(f"{where}: message {k} must be an object with a string \"role\" (and \"content\")")
+    return messages
 
 
 def read_prompts(args) -> List[dict]:
-    """[{"prompt": str | None, "tokens": list | None}] in input order."""
+    """[{"prompt": str | None, "tokens": list | None, "messages": list | None}] in input order."""
     if args.prompt:
-        return [{"prompt": t, "tokens": None} for t in args.prompt]
+        return [{"prompt": t, "tokens": None, "messages": None} for t in args.prompt]
+    if args.chat:
+        system = [] if args.system is None else [{"role": "system", "content": args.system}]
+        return [{"prompt": None, "tokens": None, "messages": system + [{"role": "user", "content": t}]}
+                for t in args.chat]
     path = args.prompts
     if not os.path.isfile(path):
         raise UsageError(f"--prompts {path}: no such file")
@@ -89,17 +160,23 @@ def read_prompts(args) -> List[dict]:
                 row = json.loads(line)
             except ValueError as e:
                 raise UsageError(f"{path}:{n}: malformed JSON ({e.msg})") from None
-            if not isinstance(row, dict) or ("prompt" not in row and "tokens" not in row):
-                raise UsageError(f"{path}:{n}: each row needs a \"prompt\" (text) or \"tokens\" (list of ids)")
-            if "tokens" in row:
+            if not isinstance(row, dict) or not any(k in row for k in ("prompt", "tokens", "messages")):
+                raise UsageError(f"{path}:{n}: each row needs a \"prompt\" (text), \"tokens\" (list of ids) or "
+                                 f"\"messages\" (a conversation)")
+            if "messages" in row:
+                if "prompt" in row or "tokens" in row:
+                    raise UsageError(f"{path}:{n}: give \"messages\" alone, not with \"prompt\" or \"tokens\"")
+                rows.append({"prompt": None, "tokens": None, "messages": _check_messages(row["messages"],
+                                                                                           f"{path}:{n}"), "line": n})
+            elif "tokens" in row:
                 toks = row["tokens"]
                 if not isinstance(toks, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in toks):
                     raise UsageError(f"{path}:{n}: \"tokens\" must be a list of integers")
-                rows.append({"prompt": row.get("prompt"), "tokens": toks, "line": n})
+                rows.append({"prompt": row.get("prompt"), "tokens": toks, "messages": None, "line": n})
             else:
                 if not isinstance(row["prompt"], str):
                     raise UsageError(f"{path}:{n}: \"prompt\" must be a string")
-                rows.append({"prompt": row["prompt"], "tokens": None, "line": n})
+                rows.append({"prompt": row["prompt"], "tokens": None, "messages": None, "line": n})
     if not rows:
         raise UsageError(f"--prompts {path}: the file has no prompts")
     return rows
@@ -169,9 +246,158 @@ def run(argv: Optional[List[str]] = None, stdout=None) -> int:
         return 2
 
 
+def _where(args, row, i: int) -> str:
+    if args.prompts:
+        return f"{args.prompts}:{row['line']}"
+    return f"--chat #{i + 1}" if args.chat else f"--prompt #{i + 1}"
+
+
+def _encode_rows(args, rows, tokenizer, config):
+    """Token ids of every row; conversations rendered with the model's chat template."""
+    from jaxar.chat import ChatTemplateError, load_chat_template
+
+    template = None
+    if any(row["messages"] is not None for row in rows):
+        if tokenizer is None:
+            raise UsageError(f"--model {args.model}: chat prompts need a tokenizer, and the model has none")
+        try:
+            template = load_chat_template(args.model, tokenizer)
+        except ChatTemplateError as e:
+            raise UsageError(f"--model {args.model}: {e}") from None
+        if template is None:
+            raise UsageError(f"--model {args.model}: the model has no chat template (no chat_template.jinja, no "
+                             f"chat_template in tokenizer_config.json); give plain --prompt text instead")
+    ids = []
+    for i, row in enumerate(rows):
+        where = _where(args, row, i)
+        if row["messages"] is not None:
+            try:
+                row["prompt"] = template.render(row["messages"], add_generation_prompt=True)
+            except ChatTemplateError as e:
+                raise UsageError(f"{where}: {e}") from None
+            toks = tokenizer.encode(row["prompt"])  # no BOS added: the template writes it when the model wants one
+        elif row["tokens"] is None:
+            if tokenizer is None:
+                raise UsageError(f"{where}: text prompt but the model directory has no tokenizer; give \"tokens\"")
+            toks = tokenizer.encode_prompt(row["prompt"])  # with BOS when the tokenizer adds one
+        else:
+            toks = row["tokens"]
+        if not toks:
+            raise UsageError(f"{where}: empty prompt")
+        bad = [t for t in toks if not 0 <= t < config.vocab_size]
+        if bad:
+            raise UsageError(f"{where}: token id {bad[0]} is outside the vocabulary [0, {config.vocab_size})")
+        ids.append(list(toks))
+    return ids, template is not None
+
+
+def first_stop(text: str, stops) -> Optional[int]:
+    """Index in `text` where the earliest of the stop strings begins, or None."""
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else None
+
+
+def _held_back(text: str, stops) -> int:
+    """Length of the longest end of `text` that could still grow into a stop string."""
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if s.startswith(text[-k:]):
+                best = k
+                break
+    return best
+
+
+class _Finisher:
+    """Completion text of generated ids: EOS ids dropped, cut before the first stop string."""
+
+    def __init__(self, tokenizer, eos, stops):
+        self.tokenizer, self.eos, self.stops = tokenizer, set(eos), list(stops)
+
+    def text(self, gen) -> Optional[str]:
+        if self.tokenizer is None:
+            return None
+        return self.tokenizer.decode([t for t in gen if t not in self.eos])
+
+    def finish(self, gen, reason: str):
+        """(completion, tokens, finish_reason) of one row."""
+        text = self.text(gen)
+        if text is None or not self.stops:
+            return text, gen, reason
+        cut = first_stop(text, self.stops)
+        if cut is None:
+            return text, gen, reason
+        # the shortest prefix of the tokens whose text holds a stop string (binary search)
+        lo, hi = 1, len(gen)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if first_stop(self.text(gen[:mid]), self.stops) is not None:
+                hi = mid
+            else:
+                lo = mid + 1
+        return text[:cut], gen[:lo], "stop"
+
+    def partial(self, gen) -> str:
+        """Text of a row still generating that is safe to print: no incomplete character at
+        the end, nothing that may turn out to be the start of a stop string."""
+        text = self.text(gen) or ""
+        cut = first_stop(text, self.stops) if self.stops else None
+        if cut is not None:
+            return text[:cut]
+        text = text.rstrip("\ufffd")
+        return text[:len(text) - _held_back(text, self.stops)] if self.stops else text
+
+
+class _StreamPrinter:
+    """`--stream`: completions to stdout as produced, row by row in order; each ends with a newline.
+
+    `on_tokens` is the decode loop's host callback (one call per step); rows of
+    later batches are printed when their turn comes."""
+
+    def __init__(self, out, finisher: _Finisher):
+        self.out, self.finisher = out, finisher
+        self.tokens, self.printed, self.final = {}, {}, {}
+        self.current = 0
+        self.batch_start, self.batch_rows = 0, 0
+
+    def on_tokens(self, tokens, num_tokens, done):
+        for j in range(self.batch_rows):
+            row = self.batch_start + j
+            got = self.tokens.setdefault(row, [])
+            n = int(num_tokens[j])
+            got.extend(int(t) for t in tokens[j, : n - len(got)])
+        self._flush()
+
+    def finish(self, row: int, completion: str):
+        self.final[row] = completion or ""
+        self._flush()
+
+    def _write(self, row: int, text: str):
+        done = self.printed.get(row, "")
+        if text.startswith(done) and len(text) > len(done):
+            self.out.write(text[len(done):])
+            self.out.flush()
+            self.printed[row] = text
+
+    def _flush(self):
+        while True:
+            row = self.current
+            if row in self.final:
+                final = self.final[row]
+                done = self.printed.get(row, "")
+                self.out.write((final[len(done):] if final.startswith(done) else final) + "\n")
+                self.out.flush()
+                self.current += 1
+                continue
+            if row in self.tokens:
+                self._write(row, self.finisher.partial(self.tokens[row]))
+            return
+
+
 def _generate_all(args, rows, stdout) -> int:
     from tqdm import tqdm
 
+    from jaxar.chat import end_of_turn_ids
     from jaxar.decode.generate import beam_search, generate, pad_prompts
     from jaxar.decode.sampling import SamplingConfig
 
@@ -191,42 +417,43 @@ def _generate_all(args, rows, stdout) -> int:
             raise UsageError(f"--draft {args.draft}: vocabulary of {draft_config.vocab_size} differs from the "
                              f"model's {config.vocab_size}; the draft must share the tokenizer")
         draft_kw = dict(draft="model", draft_params=draft_params, draft_config=draft_config)
-    ids = []
-    for i, row in enumerate(rows):
-        where = f"{args.prompts}:{row['line']}" if args.prompts else f"--prompt #{i + 1}"
-        if row["tokens"] is None:
-            if tokenizer is None:
-                raise UsageError(f"{where}: text prompt but the model directory has no tokenizer; give \"tokens\"")
-            toks = tokenizer.encode_prompt(row["prompt"])  # with BOS when the tokenizer adds one
-        else:
-            toks = row["tokens"]
-        if not toks:
-            raise UsageError(f"{where}: empty prompt")
-        bad = [t for t in toks if not 0 <= t < config.vocab_size]
-        if bad:
-            raise UsageError(f"{where}: token id {bad[0]} is outside the vocabulary [0, {config.vocab_size})")
-        draft_config = draft_kw.get("draft_config") if draft_kw else None
-        if draft_config is not None and draft_config.position != "learned":
-            draft_config = None  # RoPE drafts extrapolate; learned positions end at max_seq_len
+    if args.stop and tokenizer is None:
+        raise UsageError(f"--stop needs the model's tokenizer to decode text, and {args.model} has none")
+    ids, chat = _encode_rows(args, rows, tokenizer, config)
+    draft_config = draft_kw.get("draft_config") if draft_kw else None
+    if draft_config is not None and draft_config.position != "learned":
+        draft_config = None  # RoPE drafts extrapolate; learned positions end at max_seq_len
+    for i, (row, toks) in enumerate(zip(rows, ids)):
         for what, cfg in (("model", config), ("draft model", draft_config)):
             if cfg is not None and len(toks) + args.max_new_tokens > cfg.max_seq_len:
                 raise UsageError(
-                    f"{where}: prompt of {len(toks)} tokens plus --max-new-tokens {args.max_new_tokens} exceeds the "
-                    f"{what}'s context of {cfg.max_seq_len}; shorten the prompt or lower --max-new-tokens")
-        ids.append(list(toks))
+                    f"{_where(args, row, i)}: prompt of {len(toks)} tokens plus --max-new-tokens "
+                    f"{args.max_new_tokens} exceeds the {what}'s context of {cfg.max_seq_len}; shorten the prompt "
+                    f"or lower --max-new-tokens")
 
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                              repetition_penalty=args.repetition_penalty)
+                              repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+                              frequency_penalty=args.frequency_penalty)
     eos = _eos_ids(args.model, config, tokenizer)
-    out_f = open(args.output, "w", encoding="utf-8") if args.output else stdout
-    stats = {"prompts": len(ids), "generated_tokens": 0, "prefill_tokens": sum(map(len, ids)), "wall_s": 0.0,
-             "compile_and_first_batch_s": None}
+    if chat:  # a chat turn ends at the template's end-of-turn token
+        eos = tuple(t for t in end_of_turn_ids(tokenizer, eos) if 0 <= t < config.vocab_size)
+    # --num-samples: each prompt's rows side by side (distinct batch rows draw with distinct keys)
+    n_samples = args.num_samples
+    order = [(i, k) for i in range(len(ids)) for k in range(n_samples)]
+    all_ids = [ids[i] for i, _ in order]
+    finisher = _Finisher(tokenizer, eos, args.stop)
+    printer = _StreamPrinter(stdout, finisher) if args.stream else None
+    if args.stream and tokenizer is None:
+        raise UsageError(f"--stream prints text and needs the model's tokenizer; {args.model} has none")
+    out_f = open(args.output, "w", encoding="utf-8") if args.output else (None if args.stream else stdout)
+    stats = {"prompts": len(ids), "samples_per_prompt": n_samples, "generated_tokens": 0,
+             "prefill_tokens": sum(map(len, all_ids)), "wall_s": 0.0, "compile_and_first_batch_s": None}
     t_start = time.perf_counter()
     try:
-        batches = range(0, len(ids), args.batch_size)
+        batches = range(0, len(all_ids), args.batch_size)
         for bi, start in enumerate(tqdm(batches, desc="batches", unit="batch", file=sys.stderr,
-                                        disable=args.no_progress)):
-            chunk = ids[start: start + args.batch_size]
+                                        disable=args.no_progress or args.stream)):
+            chunk = all_ids[start: start + args.batch_size]
             # Pad the last batch to the batch size: one compiled program per bucket.
             padded = chunk + [chunk[-1]] * (args.batch_size - len(chunk))
             toks, lens = pad_prompts(padded)
@@ -251,21 +478,33 @@ def _generate_all(args, rows, stdout) -> int:
                                   num_beams=args.num_beams, eos_ids=eos)
                 out_tokens, n_tok, reason = res.tokens[:, 0], res.num_tokens[:, 0], res.finish_reason[:, 0]
             else:
+                if printer is not None:
+                    printer.batch_start, printer.batch_rows = start, len(chunk)
                 res = generate(params, toks, lens, config=config, max_new_tokens=args.max_new_tokens,
-                               sampling=sampling, seed=args.seed + start, eos_ids=eos)
+                               sampling=sampling, seed=args.seed + start, eos_ids=eos,
+                               on_tokens=None if printer is None else printer.on_tokens)
                 out_tokens, n_tok, reason = res.tokens, res.num_tokens, res.finish_reason
             out_tokens, n_tok, reason = (np.asarray(x) for x in (out_tokens, n_tok, reason))
             if bi == 0:
                 stats["compile_and_first_batch_s"] = time.perf_counter() - t0
             for j, row_ids in enumerate(chunk):
                 gen = [int(t) for t in out_tokens[j, : n_tok[j]]]
+                i, k = order[start + j]
+                row = rows[i]
                 stats["generated_tokens"] += len(gen)
-                row = rows[start + j]
-                text = tokenizer.decode([t for t in gen if t not in eos]) if tokenizer is not None else None
-                out_f.write(json.dumps({"prompt": row["prompt"] if row["prompt"] is not None else row_ids,
-                                        "completion": text, "tokens": gen,
-                                        "finish_reason": "stop" if reason[j] == 0 else "length"}) + "\n")
-            out_f.flush()
+                text, gen, why = finisher.finish(gen, "stop" if reason[j] == 0 else "length")
+                if printer is not None:
+                    printer.finish(start + j, text)
+                record = {"prompt": row["prompt"] if row["prompt"] is not None else row_ids}
+                if row["messages"] is not None:
+                    record["messages"] = row["messages"]
+                record.update(completion=text, tokens=gen, finish_reason=why)
+                if n_samples > 1:
+                    record["sample"] = k
+                if out_f is not None:
+                    out_f.write(json.dumps(record) + "\n")
+            if out_f is not None:
+                out_f.flush()
     finally:
         if args.output:
             out_f.close()
@@ -279,7 +518,7 @@ def _generate_all(args, rows, stdout) -> int:
         print(f"speculative: mean accepted length {stats['mean_accepted_length']:.2f} tokens per target forward; "
               f"acceptance by draft position {[round(x, 3) for x in stats['acceptance_rate_per_position']]}",
               file=sys.stderr)
-    print(f"generated {stats['generated_tokens']} tokens for {len(ids)} prompts in {stats['wall_s']:.2f}s "
+    print(f"generated {stats['generated_tokens']} tokens for {len(all_ids)} rows in {stats['wall_s']:.2f}s "
           f"({stats['tokens_per_s']:.1f} tok/s, first batch incl. compile {stats['compile_and_first_batch_s']:.2f}s)",
           file=sys.stderr)
     if args.stats:

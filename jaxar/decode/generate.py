@@ -21,11 +21,12 @@ from the running ones), which is not "emit up to n tokens per row".
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import io_callback
 
 from jaxar.cache import KVCache
 from jaxar.config import ModelConfig
@@ -173,7 +174,7 @@ def generate(params, prompts, lengths, *, config: ModelConfig, max_new_tokens: i
              sampling: Sampling = SamplingConfig(temperature=0.0), seed=0, budgets=None,
              eos_ids: Optional[Sequence[int]] = None, pad_id: int = 0, return_logprobs: bool = False,
              cache_len: Optional[int] = None, cfg_scale: Optional[float] = None, uncond_prompts=None,
-             uncond_lengths=None) -> GenerateOutput:
+             uncond_lengths=None, on_tokens: Optional[Callable] = None) -> GenerateOutput:
     """Generate up to `max_new_tokens` per row.
 
     Args:
@@ -191,6 +192,13 @@ def generate(params, prompts, lengths, *, config: ModelConfig, max_new_tokens: i
         unconditional prompts run as extra rows, and each step samples from
         `uncond + scale * (cond - uncond)` in log-probability space; both rows
         are fed the sampled token.
+      on_tokens: streaming: a host function `on_tokens(tokens, num_tokens, done)`
+        called (in order, through `jax.experimental.io_callback`) after every
+        step with numpy arrays: `tokens [batch, 1]` the step's tokens,
+        `num_tokens [batch]` each row's count so far (a row whose count did not
+        grow kept nothing) and `done [batch]`. It is part of the compiled
+        program: pass the same function again to reuse it. None (the default):
+        no host round trip until every row has stopped.
 
     Raises ValueError when a learned-position model's context cannot hold a
     row's prompt plus its new tokens.
@@ -219,7 +227,7 @@ def generate(params, prompts, lengths, *, config: ModelConfig, max_new_tokens: i
     params = decode_layout(params, config)
     out = _generate(params, rows_prompts, rows_lengths, budgets, jnp.asarray(seed, jnp.uint32), sampling,
                     eos_array(eos), jnp.asarray(pad_id, jnp.int32), cfg, config=config, width=width,
-                    cache_len=cache_len, return_logprobs=return_logprobs)
+                    cache_len=cache_len, return_logprobs=return_logprobs, on_tokens=on_tokens)
     return GenerateOutput(tokens=out.tokens[:, :max_new_tokens], num_tokens=out.num_tokens,
                           finish_reason=out.finish_reason,
                           logprobs=None if out.logprobs is None else out.logprobs[:, :max_new_tokens])
@@ -235,9 +243,12 @@ def plain_step(params, *, config: ModelConfig, sampling: SamplingParams, seed, c
         B = state.seq.shape[0]
         logits = logits_rows if cfg_scale is None else apply_cfg(logits_rows[:B], logits_rows[B:], cfg_scale)
         history = state.seq  # prompt + output: the repetition penalty's previous tokens
-        mask = jnp.arange(history.shape[1])[None] < state.seq_len[:, None]
-        token = sample(row_keys(seed, B, state.step), logits, sampling, history, mask)
-        logp = token_logprobs(logits, token, sampling, history, mask)[:, None] if return_logprobs else None
+        pos = jnp.arange(history.shape[1])[None]
+        mask = pos < state.seq_len[:, None]
+        generated = mask & (pos >= state.prompt_len[:, None])  # what the presence / frequency penalties count
+        token = sample(row_keys(seed, B, state.step), logits, sampling, history, mask, generated)
+        logp = (token_logprobs(logits, token, sampling, history, mask, generated)[:, None] if return_logprobs
+                else None)
         return StepOutput(tokens=token[:, None], n_emitted=jnp.ones_like(token), logprobs=logp)
 
     def step(state: loop.LoopState):
@@ -252,9 +263,19 @@ def plain_step(params, *, config: ModelConfig, sampling: SamplingParams, seed, c
     return step, pick
 
 
-@functools.partial(jax.jit, static_argnames=("config", "width", "cache_len", "return_logprobs"))
+def _stream_after(on_tokens: Callable):
+    """The loop's `after` hook that hands each step's kept tokens to the host, in order."""
+
+    def after(inner, before: loop.LoopState, new: loop.LoopState, out: StepOutput):
+        io_callback(on_tokens, None, out.tokens, new.num_tokens, new.done, ordered=True)
+        return inner
+
+    return after
+
+
+@functools.partial(jax.jit, static_argnames=("config", "width", "cache_len", "return_logprobs", "on_tokens"))
 def _generate(params, prompts, lengths, budgets, seed, sampling, eos_ids, pad_id, cfg_scale, *, config, width,
-              cache_len, return_logprobs):
+              cache_len, return_logprobs, on_tokens=None):
     rows = prompts.shape[0]
     B = budgets.shape[0]  # rows == 2B with classifier-free guidance
     cache = KVCache.empty(config, rows, cache_len)
@@ -264,8 +285,13 @@ def _generate(params, prompts, lengths, budgets, seed, sampling, eos_ids, pad_id
     state = loop.init_state(prompts[:B], lengths[:B], budgets, eos_ids, width, inner=cache,
                             record_logprobs=return_logprobs)
     # The first token comes from the prefill logits; the loop does the rest.
-    state = loop.emit(state, pick(state, logits[:, 0]))
-    state = loop.run(step, state)
+    first = pick(state, logits[:, 0])
+    new = loop.emit(state, first)
+    after = None
+    if on_tokens is not None:
+        after = _stream_after(on_tokens)
+        after(None, state, new, first)
+    state = loop.run(step, new, after=after)
     tokens, logprobs = loop.outputs(state, width, pad_id)
     return GenerateOutput(tokens=tokens, num_tokens=state.num_tokens, finish_reason=state.finish_reason,
                           logprobs=logprobs)

@@ -16,6 +16,14 @@ The processors reproduce Hugging Face ``transformers`` semantics
 repetition penalty, temperature, top-k, top-p, min-p. Filtered entries are set
 to ``-inf``.
 
+Presence and frequency penalties follow OpenAI's (and vLLM's) definition:
+``logit[v] -= presence * [count[v] > 0] + frequency * count[v]`` where
+``count[v]`` is how often token ``v`` occurs among the tokens *generated so
+far* (the prompt does not count, as in OpenAI's API and vLLM). They apply
+after the repetition penalty and before temperature (vLLM's order), to greedy
+rows too. The caller marks the generated tokens with ``output_mask`` (a mask
+over ``prev_tokens``); without it these two penalties are not applied.
+
 Greedy decoding (``temperature == 0``) follows ``generate(do_sample=False)``:
 only the repetition penalty is applied (the warpers are sampling-only) and the
 token is the argmax.
@@ -39,6 +47,8 @@ __all__ = [
     "SamplingConfig",
     "SamplingParams",
     "apply_repetition_penalty",
+    "apply_presence_frequency_penalty",
+    "token_counts",
     "apply_temperature",
     "apply_top_k",
     "apply_top_p",
@@ -66,6 +76,11 @@ class SamplingConfig:
       min_p: drop tokens whose probability is below ``min_p`` times the top
         token's, in ``[0, 1)``; ``0`` disables it.
       repetition_penalty: CTRL-style penalty (> 0); ``1`` disables it.
+      presence_penalty: subtracted once from the logit of every token already
+        generated (OpenAI semantics; negative values encourage repeats); ``0``
+        disables it.
+      frequency_penalty: subtracted from a token's logit once per time it has
+        been generated; ``0`` disables it.
     """
 
     temperature: float = 1.0
@@ -73,13 +88,15 @@ class SamplingConfig:
     top_p: float = 1.0
     min_p: float = 0.0
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def __post_init__(self):
         # Normalise numeric types (numpy scalars, ints for floats) so equal
         # configs hash equally and never hold arrays. Validation is separate
         # (see validate()) so an invalid config can still be built and inspected.
         for name, typ in (("temperature", float), ("top_p", float), ("min_p", float),
-                          ("repetition_penalty", float)):
+                          ("repetition_penalty", float), ("presence_penalty", float), ("frequency_penalty", float)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(value, "__float__"):
                 raise TypeError(f"SamplingConfig.{name} must be a real number, got {value!r}")
@@ -109,7 +126,15 @@ class SamplingConfig:
             raise ValueError(
                 f"repetition_penalty must be a finite number > 0 (1 disables it), "
                 f"got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number (0 disables it), got {getattr(self, name)}")
         return self
+
+    @property
+    def has_count_penalties(self) -> bool:
+        """True when the presence or frequency penalty is on."""
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
 
 class SamplingParams(NamedTuple):
@@ -117,9 +142,11 @@ class SamplingParams(NamedTuple):
 
     Row ``b`` samples with ``temperature[b]`` (``0``: greedy, argmax after
     the repetition penalty), ``top_k[b]`` (``0``: off), ``top_p[b]`` (``1``:
-    off), ``min_p[b]`` (``0``: off) and ``repetition_penalty[b]`` (``1``: off),
-    with the meanings of :class:`SamplingConfig`. Build it with
-    :meth:`build` (validates every row).
+    off), ``min_p[b]`` (``0``: off), ``repetition_penalty[b]`` (``1``: off),
+    ``presence_penalty[b]`` and ``frequency_penalty[b]`` (``0``: off), with the
+    meanings of :class:`SamplingConfig`. Build it with :meth:`build` (validates
+    every row; it always fills the two count penalties, so switching them on
+    does not change the pytree and does not recompile).
     """
 
     temperature: jax.Array  # [B] float32, 0 = greedy
@@ -130,6 +157,8 @@ class SamplingParams(NamedTuple):
     # [B] float32: 1 - top_p computed in float64 on the host, then rounded, as
     # Hugging Face (and a static SamplingConfig) compare against it. None: 1 - top_p in float32.
     top_p_cut: Optional[jax.Array] = None
+    presence_penalty: Optional[jax.Array] = None  # [B] float32; None: off
+    frequency_penalty: Optional[jax.Array] = None  # [B] float32; None: off
 
     @classmethod
     def build(cls, sampling: Union[SamplingConfig, "SamplingParams", Sequence[SamplingConfig]],
@@ -147,13 +176,19 @@ class SamplingParams(NamedTuple):
             for name, value in zip(cls._fields, settings):
                 if value.shape != (batch,):
                     raise ValueError(f"SamplingParams.{name} must have shape ({batch},), got {value.shape}")
+            penalties = tuple(jnp.zeros((batch,), jnp.float32) if x is None else jnp.asarray(x, jnp.float32)
+                              for x in (sampling.presence_penalty, sampling.frequency_penalty))
+            for name, value in zip(("presence_penalty", "frequency_penalty"), penalties):
+                if value.shape != (batch,):
+                    raise ValueError(f"SamplingParams.{name} must have shape ({batch},), got {value.shape}")
             cut = sampling.top_p_cut
-            if not any(isinstance(x, jax.core.Tracer) for x in settings):
+            if not any(isinstance(x, jax.core.Tracer) for x in settings + penalties):
                 for b in range(batch):  # validate concrete values row by row
-                    SamplingConfig(*(np.asarray(x)[b].item() for x in settings)).validate()
+                    SamplingConfig(*(np.asarray(x)[b].item() for x in settings + penalties)).validate()
                 if cut is None:
                     cut = np.float32(1.0 - np.asarray(settings[2], np.float64))
-            return cls(*settings, top_p_cut=None if cut is None else jnp.asarray(cut, jnp.float32))
+            return cls(*settings, top_p_cut=None if cut is None else jnp.asarray(cut, jnp.float32),
+                       presence_penalty=penalties[0], frequency_penalty=penalties[1])
         else:
             rows = list(sampling)
             if len(rows) != batch:
@@ -164,7 +199,9 @@ class SamplingParams(NamedTuple):
                 r.validate()
         settings = (jnp.asarray([getattr(r, name) for r in rows], dtype)
                     for name, dtype in zip(cls._fields, _PARAM_DTYPES))
-        return cls(*settings, top_p_cut=jnp.asarray(np.array([1.0 - r.top_p for r in rows], np.float64), jnp.float32))
+        return cls(*settings, top_p_cut=jnp.asarray(np.array([1.0 - r.top_p for r in rows], np.float64), jnp.float32),
+                   presence_penalty=jnp.asarray([r.presence_penalty for r in rows], jnp.float32),
+                   frequency_penalty=jnp.asarray([r.frequency_penalty for r in rows], jnp.float32))
 
     @property
     def greedy(self) -> jax.Array:
@@ -264,6 +301,40 @@ def apply_repetition_penalty(logits, tokens, mask=None, penalty=1.0) -> jax.Arra
     return jnp.where(present, penalised, logits)
 
 
+def token_counts(tokens, mask, vocab: int) -> jax.Array:
+    """float32 ``[..., vocab]``: how often each id occurs among ``tokens [..., S]``
+    where ``mask [..., S]`` is True (ids outside ``[0, vocab)`` are ignored)."""
+    tokens = jnp.asarray(tokens)
+    mask = jnp.broadcast_to(jnp.asarray(mask, bool), tokens.shape)
+    lead, seq = tokens.shape[:-1], tokens.shape[-1]
+    valid = mask & (tokens >= 0) & (tokens < vocab)
+    idx = jnp.where(valid, tokens, vocab).astype(jnp.int32).reshape(-1, seq)
+    rows = idx.shape[0]
+    counts = jnp.zeros((rows, vocab + 1), jnp.float32).at[jnp.arange(rows)[:, None], idx].add(1.0)
+    return counts[:, :vocab].reshape(lead + (vocab,))
+
+
+def apply_presence_frequency_penalty(logits, counts, presence=0.0, frequency=0.0) -> jax.Array:
+    """OpenAI's presence / frequency penalties.
+
+    ``logits - presence * (counts > 0) - frequency * counts``.
+
+    Args:
+      logits: ``[..., V]``.
+      counts: ``[..., V]`` occurrences of each token among the tokens generated
+        so far (see :func:`token_counts`), broadcastable to ``logits``.
+      presence, frequency: numbers or per-row ``[B]`` arrays; a row with both
+        at ``0`` is left bit-for-bit unchanged.
+    """
+    logits = _f32(logits)
+    if _is_static(presence) and _is_static(frequency) and presence == 0.0 and frequency == 0.0:
+        return logits
+    counts = jnp.asarray(counts, jnp.float32)
+    p = jnp.float32(presence) if _is_static(presence) else _per_row(presence, logits)
+    f = jnp.float32(frequency) if _is_static(frequency) else _per_row(frequency, logits)
+    return logits - p * (counts > 0).astype(jnp.float32) - f * counts
+
+
 def apply_temperature(logits, temperature=1.0) -> jax.Array:
     """Hugging Face ``TemperatureLogitsWarper`` (``temperature > 0``).
 
@@ -360,12 +431,14 @@ def _greedy_rows(config: SamplingParams, logits) -> jax.Array:
     return _per_row(config.temperature, logits) == 0.0
 
 
-def process_logits(logits, config: Sampling, prev_tokens=None, prev_mask=None) -> jax.Array:
+def process_logits(logits, config: Sampling, prev_tokens=None, prev_mask=None, output_mask=None) -> jax.Array:
     """Apply the processors of ``config`` in Hugging Face's order.
 
     Order: repetition penalty (needs ``prev_tokens``; skipped when ``None``),
-    then, unless greedy, temperature, top-k, top-p, min-p. Returns float32
-    logits of the same shape with filtered entries at ``-inf``.
+    presence / frequency penalties (over the entries of ``prev_tokens`` that
+    ``output_mask [..., S]`` marks as generated; skipped when ``None``), then,
+    unless greedy, temperature, top-k, top-p, min-p. Returns float32 logits of
+    the same shape with filtered entries at ``-inf``.
 
     ``config``: a static :class:`SamplingConfig`, or :class:`SamplingParams`
     (per-row ``[B]`` arrays, ``B`` the leading dim of ``logits``; processors
@@ -379,6 +452,9 @@ def process_logits(logits, config: Sampling, prev_tokens=None, prev_mask=None) -
         config.validate()
         if config.repetition_penalty != 1.0 and prev_tokens is not None:
             out = apply_repetition_penalty(out, prev_tokens, prev_mask, config.repetition_penalty)
+        if config.has_count_penalties and prev_tokens is not None and output_mask is not None:
+            out = apply_presence_frequency_penalty(out, token_counts(prev_tokens, output_mask, out.shape[-1]),
+                                                   config.presence_penalty, config.frequency_penalty)
         if config.greedy:
             return out
         out = apply_temperature(out, config.temperature)
@@ -390,6 +466,12 @@ def process_logits(logits, config: Sampling, prev_tokens=None, prev_mask=None) -
     if prev_tokens is not None:
         out = _when_any(config.repetition_penalty != 1.0,
                         lambda x: apply_repetition_penalty(x, prev_tokens, prev_mask, config.repetition_penalty), out)
+    if prev_tokens is not None and output_mask is not None and config.presence_penalty is not None:
+        presence, frequency = config.presence_penalty, config.frequency_penalty
+        frequency = jnp.zeros_like(presence) if frequency is None else frequency
+        out = _when_any((presence != 0.0) | (frequency != 0.0),
+                        lambda x: apply_presence_frequency_penalty(
+                            x, token_counts(prev_tokens, output_mask, x.shape[-1]), presence, frequency), out)
     warped = apply_temperature(out, config.temperature)
     warped = _when_any(config.top_k > 0, lambda x: apply_top_k(x, config.top_k), warped)
     warped = _when_any(config.top_p < 1.0, lambda x: apply_top_p(x, config.top_p, config.top_p_cut), warped)
@@ -397,13 +479,13 @@ def process_logits(logits, config: Sampling, prev_tokens=None, prev_mask=None) -
     return jnp.where(_greedy_rows(config, out), out, warped)
 
 
-def probabilities(logits, config: Sampling, prev_tokens=None, prev_mask=None) -> jax.Array:
+def probabilities(logits, config: Sampling, prev_tokens=None, prev_mask=None, output_mask=None) -> jax.Array:
     """The distribution :func:`sample` draws from, float32 ``[..., V]``.
 
     Softmax of :func:`process_logits`; for greedy rows the one-hot of its
     argmax. Used by speculative decoding for the target ``p`` and draft ``q``.
     """
-    processed = process_logits(logits, config, prev_tokens, prev_mask)
+    processed = process_logits(logits, config, prev_tokens, prev_mask, output_mask)
 
     def one_hot():
         return jax.nn.one_hot(jnp.argmax(processed, axis=-1), processed.shape[-1], dtype=jnp.float32)
@@ -432,7 +514,7 @@ def _check_row_keys(keys, batch: int) -> jax.Array:
     return keys
 
 
-def sample(keys, logits, config: Sampling, prev_tokens=None, prev_mask=None) -> jax.Array:
+def sample(keys, logits, config: Sampling, prev_tokens=None, prev_mask=None, output_mask=None) -> jax.Array:
     """Draw one token per row: int32 ``[B]``.
 
     Args:
@@ -445,11 +527,13 @@ def sample(keys, logits, config: Sampling, prev_tokens=None, prev_mask=None) -> 
         (greedy rows take the argmax; their key is not used).
       prev_tokens, prev_mask: ``[B, S]`` previous tokens (prompt included) and
         validity mask for the repetition penalty.
+      output_mask: ``[B, S]`` True where ``prev_tokens`` holds a generated
+        token: the presence / frequency penalties count those.
     """
     logits = jnp.asarray(logits)
     if logits.ndim != 2:
         raise ValueError(f"logits must be [B, V], got shape {logits.shape}")
-    processed = process_logits(logits, config, prev_tokens, prev_mask)
+    processed = process_logits(logits, config, prev_tokens, prev_mask, output_mask)
     argmax = jnp.argmax(processed, axis=-1).astype(jnp.int32)
     if isinstance(config, SamplingConfig) and config.greedy:
         return argmax
@@ -497,7 +581,7 @@ def row_keys(seed_or_key: Any, batch: int, step: Any = 0, *, row_ids=None) -> ja
     return jax.vmap(lambda r: jax.random.fold_in(jax.random.fold_in(base, r), step))(rows)
 
 
-def token_logprobs(logits, tokens, config: Sampling, prev_tokens=None, prev_mask=None) -> jax.Array:
+def token_logprobs(logits, tokens, config: Sampling, prev_tokens=None, prev_mask=None, output_mask=None) -> jax.Array:
     """Log-probabilities (float32 ``[...]``) of ``tokens`` under the processed logits.
 
     ``log_softmax(process_logits(logits))`` gathered at ``tokens`` (shape
@@ -506,7 +590,7 @@ def token_logprobs(logits, tokens, config: Sampling, prev_tokens=None, prev_mask
     Hugging Face; for greedy rows it is the log-softmax of the
     (repetition-penalised) logits rather than the degenerate one-hot.
     """
-    processed = process_logits(logits, config, prev_tokens, prev_mask)
+    processed = process_logits(logits, config, prev_tokens, prev_mask, output_mask)
     tokens = jnp.asarray(tokens)
     if tokens.shape != processed.shape[:-1]:
         raise ValueError(f"tokens must have shape {processed.shape[:-1]}, got {tokens.shape}")
