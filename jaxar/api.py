@@ -1,4 +1,4 @@
-"""Loading and saving models: Hugging Face directories and jaxar checkpoints."""
+"""Loading and saving models: Hugging Face directories, llama.cpp GGUF files and jaxar checkpoints."""
 
 from __future__ import annotations
 
@@ -24,17 +24,27 @@ def _is_hf_dir(path: str) -> bool:
 
 def from_pretrained(path: str, *, dtype: Optional[str] = None, attention_backend: Optional[str] = None
                     ) -> Tuple[ModelConfig, dict]:
-    """Load `(config, params)` from a Hugging Face model directory or a jaxar run / checkpoint directory.
+    """Load `(config, params)` from a Hugging Face model directory, a GGUF file or a jaxar run / checkpoint directory.
 
     Hugging Face: config.json plus model.safetensors or a sharded
-    model.safetensors.index.json. jaxar: a `train.py` run_dir (the latest
-    complete checkpoint is used) or a directory written by `save_pretrained`.
-    `dtype` casts params and sets the compute dtype (e.g. "bfloat16").
+    model.safetensors.index.json. GGUF (llama.cpp): a `.gguf` file, or a
+    directory holding exactly one and no config.json; quantized tensors are
+    dequantized to float32 (see `jaxar.convert.gguf`). jaxar: a `train.py`
+    run_dir (the latest complete checkpoint is used) or a directory written by
+    `save_pretrained`. `dtype` casts params and sets the compute dtype (e.g. "bfloat16").
     """
     path = os.path.expanduser(str(path))
-    if not os.path.isdir(path):
+    from jaxar.convert import gguf
+
+    gguf_file = gguf.find_gguf(path)
+    if gguf_file is None and not os.path.isdir(path):
+        if os.path.isfile(path):
+            raise FileNotFoundError(f"model path {path!r} is a file but not a .gguf file; pass a .gguf file or "
+                                    "a model directory")
         raise FileNotFoundError(f"model directory {path!r} does not exist or is not a directory")
-    if _is_hf_dir(path):
+    if gguf_file is not None:
+        config, params = gguf.load_gguf(gguf_file)
+    elif _is_hf_dir(path):
         cfg_path = os.path.join(path, "config.json")
         try:
             with open(cfg_path) as f:

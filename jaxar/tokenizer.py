@@ -16,9 +16,10 @@ Every tokenizer implements `Tokenizer`:
   `save(directory)`.
 
 `ByteTokenizer` (the default, no files): ids 0..255 are the bytes of the UTF-8
-text, 256 is `<eos>`. `HFTokenizer` wraps a `tokenizer.json`.
-`train_bpe` trains a small byte-level BPE. `load_tokenizer` picks one from a
-name or a directory.
+text, 256 is `<eos>`. `HFTokenizer` wraps a `tokenizer.json`; `gguf_tokenizer`
+builds one from a llama.cpp GGUF file's vocabulary (its `chat_template`
+attribute holds the file's chat template). `train_bpe` trains a small
+byte-level BPE. `load_tokenizer` picks one from a name, a directory or a file.
 """
 
 from __future__ import annotations
@@ -64,6 +65,9 @@ class Tokenizer(abc.ABC):
     bos_id: Optional[int] = None
     eos_id: Optional[int] = None
     pad_id: Optional[int] = None
+    # The chat template a GGUF file carries (`tokenizer.chat_template`); None otherwise
+    # (for Hugging Face directories, `jaxar.chat.load_chat_template` reads the files).
+    chat_template: Optional[str] = None
 
     @property
     def eos_ids(self) -> tuple[int, ...]:
@@ -194,6 +198,9 @@ class HFTokenizer(Tokenizer):
         bos_id: TokenArg = None,
         eos_id: TokenArg = None,
         pad_id: TokenArg = None,
+        add_bos: Optional[bool] = None,
+        extra_eos_ids: Sequence[int] = (),
+        chat_template: Optional[str] = None,
     ):
         from tokenizers import Tokenizer as _HFTok
 
@@ -225,9 +232,10 @@ class HFTokenizer(Tokenizer):
         for cfg in (self._configs["marker"], self._configs["generation"], self._configs["model"]):
             key = "eos_ids" if cfg is self._configs["marker"] else "eos_token_id"
             extra += _id_list(cfg.get(key))
-        ids = ([] if self.eos_id is None else [self.eos_id]) + extra
+        ids = ([] if self.eos_id is None else [self.eos_id]) + extra + [int(i) for i in extra_eos_ids]
         self._eos_ids = tuple(dict.fromkeys(i for i in ids if 0 <= i < self.vocab_size))
-        self._add_bos = self._resolve_add_bos()
+        self._add_bos = self._resolve_add_bos() if add_bos is None else bool(add_bos and self.bos_id is not None)
+        self.chat_template = chat_template
 
     # Special tokens ------------------------------------------------------
     @staticmethod
@@ -344,6 +352,9 @@ class HFTokenizer(Tokenizer):
             pad_token=tok_str(self.pad_id),
         )
         config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
+        config["add_bos_token"] = self.add_bos
+        if self.chat_template is not None:
+            config.setdefault("chat_template", self.chat_template)
         (d / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
         marker = {
             "type": "hf",
@@ -372,6 +383,7 @@ class HFTokenizer(Tokenizer):
             "pad_id": self.pad_id,
             "eos_ids": self._eos_ids,
             "add_bos": self._add_bos,
+            "chat_template": self.chat_template,
         }
 
     def __setstate__(self, state):
@@ -384,6 +396,165 @@ class HFTokenizer(Tokenizer):
         self.bos_id, self.eos_id, self.pad_id = state["bos_id"], state["eos_id"], state["pad_id"]
         self._eos_ids = state["eos_ids"]
         self._add_bos = state.get("add_bos", False)
+        self.chat_template = state.get("chat_template")
+
+
+# ---------------------------------------------------------------------------
+# Tokenizers from llama.cpp GGUF files
+
+# llama.cpp's pre-tokenizer regexes (llama-vocab.cpp), applied in turn, by `tokenizer.ggml.pre`.
+_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+_LLAMA3_SPLIT = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# pre name -> (regexes, ignore_merges, add_bos when the file does not say)
+_GGUF_PRE = {}
+for _names, _rule in (
+    (("default", "gpt-2", "gpt2", "mpt", "olmo", "jais"), ((_GPT2_SPLIT,), False, False)),
+    (("smollm", "starcoder", "refact", "codeshell", "exaone", "minerva"), ((r"\p{N}", _GPT2_SPLIT), False, False)),
+    (("llama3", "llama-v3", "llama-bpe", "falcon3", "pixtral", "smaug-bpe", "dbrx"), ((_LLAMA3_SPLIT,), True, True)),
+    (("qwen2", "deepseek-r1-qwen", "megrez"), ((_QWEN2_SPLIT,), False, False)),
+):
+    for _name in _names:
+        _GGUF_PRE[_name] = _rule
+GGUF_TOKENIZER_MODELS = ("gpt2", "llama")
+_CONTROL, _USER_DEFINED = 3, 4
+
+
+def _byte_level_bpe(md: dict, source: str):
+    from tokenizers import Regex
+    from tokenizers import Tokenizer as _HFTok
+    from tokenizers import decoders, models, pre_tokenizers
+
+    pre = md.get("tokenizer.ggml.pre", "default")
+    if pre not in _GGUF_PRE:
+        raise ValueError(f"{source}: GGUF pre-tokenizer {pre!r} is not supported; jaxar knows "
+                         f"{', '.join(sorted(_GGUF_PRE))}")
+    splits, ignore_merges, _ = _GGUF_PRE[pre]
+    spelling = pre_tokenizers.ByteLevel.alphabet()
+    alphabet = set(spelling)
+    byte_chars = _bytes_to_unicode()
+    vocab = {}
+    for i, token in enumerate(md["tokenizer.ggml.tokens"]):
+        if not set(token) <= alphabet:  # written as raw text: spell its bytes in the byte alphabet
+            token = "".join(byte_chars[b] for b in token.encode("utf-8"))
+        vocab.setdefault(token, i)
+    merges = [tuple(m.split(" ", 1)) for m in md.get("tokenizer.ggml.merges", ())]
+    tok = _HFTok(models.BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
+                            end_of_word_suffix="", fuse_unk=False, ignore_merges=ignore_merges))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in splits]
+        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    return tok, alphabet
+
+
+def _bytes_to_unicode() -> dict:
+    """GPT-2's byte -> printable character table."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    chars, n = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + n)
+            n += 1
+    return chars
+
+
+def _sentencepiece_bpe(md: dict, source: str):
+    """SentencePiece BPE (llama.cpp's "llama" vocabulary): merges ranked by the score
+    of the merged piece, unknown characters as <0xXX> byte tokens."""
+    from tokenizers import Tokenizer as _HFTok
+    from tokenizers import decoders, models, normalizers
+
+    tokens = md["tokenizer.ggml.tokens"]
+    scores = md.get("tokenizer.ggml.scores")
+    if scores is None:
+        raise ValueError(f"{source}: a SentencePiece GGUF vocabulary needs tokenizer.ggml.scores")
+    vocab = {}
+    for i, token in enumerate(tokens):
+        vocab.setdefault(token, i)
+    merges = []
+    for token, i in vocab.items():
+        pairs = [(token[:k], token[k:]) for k in range(1, len(token)) if token[:k] in vocab and token[k:] in vocab]
+        pairs.sort(key=lambda p: (vocab[p[0]], vocab[p[1]]))
+        merges += [(float(scores[i]), p) for p in pairs]
+    merges.sort(key=lambda m: -m[0])  # stable: ties keep the vocabulary order
+    unk = md.get("tokenizer.ggml.unknown_token_id")
+    tok = _HFTok(models.BPE(vocab=vocab, merges=[p for _, p in merges], dropout=None, fuse_unk=True,
+                            byte_fallback=True, unk_token=None if unk is None else tokens[int(unk)]))
+    prefix = bool(md.get("tokenizer.ggml.add_space_prefix", True))
+    # As llama.cpp: a space in front of every stretch of text (after each special token too),
+    # even one that already starts with a space; spaces written as U+2581.
+    steps = [normalizers.Prepend("\u2581")] if prefix else []
+    tok.normalizer = normalizers.Sequence(steps + [normalizers.Replace(" ", "\u2581")])
+    steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if prefix:
+        steps.append(decoders.Strip(content=" ", left=1, right=0))
+    tok.decoder = decoders.Sequence(steps)
+    return tok, None
+
+
+def gguf_tokenizer(path: Union[str, os.PathLike, Any]) -> HFTokenizer:
+    """The tokenizer a llama.cpp GGUF file describes, as an `HFTokenizer`.
+
+    `path`: a .gguf file (or a `jaxar.convert.gguf.GGUFFile`). Vocabularies:
+    `tokenizer.ggml.model` "gpt2" (byte-level BPE; pre-tokenizer by
+    `tokenizer.ggml.pre`: gpt-2/default, smollm/starcoder, qwen2, llama-bpe/llama3
+    and their aliases) and "llama" (SentencePiece BPE with byte fallback).
+    CONTROL tokens become special added tokens, USER_DEFINED ones plain added
+    tokens (matched whole, as llama.cpp does). bos/eos/pad ids, `add_bos`
+    (`tokenizer.ggml.add_bos_token`, else llama.cpp's default for the
+    vocabulary) and `chat_template` come from the metadata; eot/eom ids join `eos_ids`.
+    """
+    from tokenizers import AddedToken, processors
+
+    from jaxar.convert.gguf import GGUFFile, read_gguf
+
+    file = path if isinstance(path, GGUFFile) else read_gguf(os.fspath(Path(path).expanduser()))
+    md, source = file.metadata, file.path
+    kind = md.get("tokenizer.ggml.model")
+    if kind is None or "tokenizer.ggml.tokens" not in md:
+        raise TokenizerNotFoundError(f"{source}: the GGUF file holds no tokenizer (no tokenizer.ggml.model/tokens)")
+    if kind == "gpt2":
+        tok, alphabet = _byte_level_bpe(md, source)
+        default_add_bos = _GGUF_PRE[md.get("tokenizer.ggml.pre", "default")][2]
+    elif kind == "llama":
+        tok, alphabet = _sentencepiece_bpe(md, source)
+        default_add_bos = True
+    else:
+        raise ValueError(f"{source}: GGUF tokenizer model {kind!r} is not supported; jaxar builds "
+                         f"{', '.join(GGUF_TOKENIZER_MODELS)}")
+    tokens = md["tokenizer.ggml.tokens"]
+    types = md.get("tokenizer.ggml.token_type")
+    if types is not None:
+        vocab = tok.get_vocab(with_added_tokens=False)
+        special = [AddedToken(t, normalized=False, special=True) for t, ty in zip(tokens, types)
+                   if ty == _CONTROL and t in vocab and (alphabet is None or set(t) <= alphabet)]
+        user = [AddedToken(t, normalized=False, special=False) for t, ty in zip(tokens, types)
+                if ty == _USER_DEFINED and t in vocab]
+        if special:
+            tok.add_special_tokens(special)
+        if user:
+            tok.add_tokens(user)
+
+    def token_id(key):
+        v = md.get(f"tokenizer.ggml.{key}")
+        return None if v is None or not 0 <= int(v) < len(tokens) else int(v)
+
+    bos, eos, pad = token_id("bos_token_id"), token_id("eos_token_id"), token_id("padding_token_id")
+    flag = md.get("tokenizer.ggml.add_bos_token")
+    add_bos = (bool(flag) if flag is not None else default_add_bos) and bos is not None
+    if add_bos:  # so that transformers-style encode(add_special_tokens=True) adds it too
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{tokens[bos]}:0 $A:0", pair=f"{tokens[bos]}:0 $A:0 {tokens[bos]}:1 $B:1",
+            special_tokens=[(tokens[bos], bos)])
+    extra = [i for i in (token_id("eot_token_id"), token_id("eom_token_id")) if i is not None]
+    template = md.get("tokenizer.chat_template")
+    return HFTokenizer(tok, bos_id=bos, eos_id=eos, pad_id=pad, add_bos=add_bos, extra_eos_ids=extra,
+                       chat_template=template if isinstance(template, str) else None)
 
 
 def train_bpe(
@@ -425,6 +596,8 @@ def load_tokenizer(path_or_name: Union[str, os.PathLike, Tokenizer, None] = None
     * A `Tokenizer`: returned as it is.
     * A directory with `jaxar_tokenizer.json` (written by `save`): the kind it names.
     * A directory with `tokenizer.json`, or a `tokenizer.json` file: `HFTokenizer`.
+    * A `.gguf` file, or a directory holding exactly one (and no tokenizer.json):
+      `gguf_tokenizer` of it.
 
     Anything else raises `TokenizerNotFoundError` (a ValueError and a
     FileNotFoundError) naming the path and what was expected.
@@ -436,11 +609,13 @@ def load_tokenizer(path_or_name: Union[str, os.PathLike, Tokenizer, None] = None
     path = Path(path_or_name).expanduser()
     expected = (
         "expected 'byte', a directory holding tokenizer.json (Hugging Face) or "
-        f"{MARKER_FILE} (written by Tokenizer.save), or a tokenizer.json file"
+        f"{MARKER_FILE} (written by Tokenizer.save), a tokenizer.json file, or a .gguf file (or a directory holding one)"
     )
     if path.is_file():
         if path.name == MARKER_FILE:
             return load_tokenizer(path.parent)
+        if path.suffix.lower() == ".gguf":
+            return gguf_tokenizer(path)
         return HFTokenizer(path)
     if not path.is_dir():
         raise TokenizerNotFoundError(f"no tokenizer at {str(path)!r}: the path does not exist; {expected}")
@@ -454,6 +629,13 @@ def load_tokenizer(path_or_name: Union[str, os.PathLike, Tokenizer, None] = None
         raise ValueError(f"{path / MARKER_FILE}: unknown tokenizer type {kind!r} (expected 'byte' or 'hf')")
     if (path / HF_TOKENIZER_FILE).is_file():
         return HFTokenizer(path)
+    ggufs = sorted(p for p in path.glob("*.gguf") if p.is_file())
+    if len(ggufs) == 1:
+        return gguf_tokenizer(ggufs[0])
+    if len(ggufs) > 1:
+        raise TokenizerNotFoundError(
+            f"directory {str(path)!r} holds several GGUF files ({', '.join(p.name for p in ggufs)}); "
+            "pass the one whose tokenizer to use")
     raise TokenizerNotFoundError(
         f"no tokenizer in directory {str(path)!r}: it has neither {HF_TOKENIZER_FILE} nor {MARKER_FILE}; {expected}"
     )
@@ -464,6 +646,7 @@ __all__ = [
     "ByteTokenizer",
     "HFTokenizer",
     "TokenizerNotFoundError",
+    "gguf_tokenizer",
     "train_bpe",
     "load_tokenizer",
     "MARKER_FILE",
