@@ -8,6 +8,12 @@ back). Each row of a batch has its own length, so rows at different lengths
 realignment. Entries at or beyond a row's length are ignored by attention and
 overwritten by later writes; rolling back rejected drafts is lowering
 `lengths`.
+
+With `config.kv_cache_dtype == "int8"` the buffers hold int8 values and
+`k_scale[layer]`, `v_scale[layer]` (`[batch, max_len, kv_heads]` float32)
+one symmetric scale per slot and kv head: a write quantizes each new
+(token, head) vector by its own max |x| / 127 (`jaxar.quant.quantize_kv`),
+attention dequantizes chunk by chunk. Float caches have empty scale tuples.
 """
 
 from __future__ import annotations
@@ -28,18 +34,30 @@ class KVCache(NamedTuple):
     # [batch] int32: valid entries per row. Slot i of a row holds the token at
     # position i of that row.
     lengths: jax.Array
+    # int8 caches: n_layers x [batch, max_len, kv_heads] float32 scales; float caches: ().
+    k_scale: Tuple[jax.Array, ...] = ()
+    v_scale: Tuple[jax.Array, ...] = ()
 
     @classmethod
     def empty(cls, config: ModelConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
-        """Zeroed buffers for `batch` rows of up to `max_len` tokens each."""
+        """Zeroed buffers for `batch` rows of up to `max_len` tokens each, stored
+        in `dtype` (default `config.cache_dtype`: int8 adds the scale buffers)."""
         if max_len > config.max_seq_len and config.position == "learned":
             raise ValueError(
                 f"cache max_len={max_len} exceeds the model's learned positions ({config.max_seq_len}); "
                 f"use max_len <= {config.max_seq_len}")
-        dtype = jnp.dtype(dtype or config.dtype)
+        dtype = jnp.dtype(dtype or config.cache_dtype)
         shape = (batch, max_len, config.num_kv_heads, config.dim_per_head)
-        zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layers))  # noqa: E731
-        return cls(k=zeros(), v=zeros(), lengths=jnp.zeros((batch,), jnp.int32))
+        zeros = lambda shape, dtype: tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layers))  # noqa: E731
+        scales = ()
+        if dtype == jnp.int8:
+            scales = zeros(shape[:3], jnp.float32)
+        return cls(k=zeros(shape, dtype), v=zeros(shape, dtype), lengths=jnp.zeros((batch,), jnp.int32),
+                   k_scale=scales, v_scale=scales)
+
+    @property
+    def quantized(self) -> bool:
+        return len(self.k_scale) > 0
 
     @property
     def max_len(self) -> int:
@@ -59,11 +77,18 @@ class KVCache(NamedTuple):
     def take_rows(self, rows: jax.Array) -> "KVCache":
         """The cache of rows `rows` (int [n]), e.g. beams reordered or repeated."""
         take = lambda bufs: tuple(b[rows] for b in bufs)  # noqa: E731
-        return KVCache(k=take(self.k), v=take(self.v), lengths=self.lengths[rows])
+        return KVCache(k=take(self.k), v=take(self.v), lengths=self.lengths[rows], k_scale=take(self.k_scale),
+                       v_scale=take(self.v_scale))
 
     def repeat_rows(self, n: int) -> "KVCache":
         """Each row repeated `n` times in place (row b -> rows b*n .. b*n+n-1)."""
         return self.take_rows(jnp.repeat(jnp.arange(self.batch), n))
 
     def nbytes(self) -> int:
-        return sum(b.size * b.dtype.itemsize for b in self.k + self.v)
+        return sum(b.size * b.dtype.itemsize for b in self.k + self.v + self.k_scale + self.v_scale)
+
+    def layer(self, i: int) -> tuple:
+        """Layer i's buffers: (k, v) or, int8, (k, v, k_scale, v_scale)."""
+        if self.quantized:
+            return self.k[i], self.v[i], self.k_scale[i], self.v_scale[i]
+        return self.k[i], self.v[i]

@@ -15,6 +15,8 @@ _FAMILIES = ("llama", "gpt2", "qwen2", "mistral")
 _ACTIVATIONS = ("silu", "gelu", "gelu_new", "gelu_tanh", "relu")
 _ATTENTION_BACKENDS = ("xla", "cudnn", "pallas")
 _DTYPES = ("float32", "bfloat16", "float16")
+_WEIGHT_QUANT = ("none", "int8")
+_KV_CACHE_DTYPES = ("auto", "int8") + _DTYPES
 
 
 # scan_layers="auto": where the layer scan pays (TPU: compile time and the scan's
@@ -76,6 +78,13 @@ class ModelConfig:
     remat: str = "none"  # none | full | dots (checkpoint policy for training)
     attention_backend: str = "xla"
     initializer_range: float = 0.02
+    # Inference-only quantization (jaxar.quant). weight_quant="int8": every attention / MLP kernel,
+    # the embedding table (per row: it is also the tied head) and lm_head are stored int8 with a
+    # float32 scale per output channel, dequantized inside the matmul; applied once by
+    # transformer.decode_params (generate, beam search, speculative decoding). kv_cache_dtype:
+    # "auto" (= dtype), a float dtype, or "int8" (symmetric, one float32 scale per slot and kv head).
+    weight_quant: str = "none"
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self):
         eos = self.eos_token_id
@@ -106,6 +115,11 @@ class ModelConfig:
     @property
     def dim_per_head(self) -> int:
         return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def cache_dtype(self) -> str:
+        """The KV cache's storage dtype ("int8" or a float dtype)."""
+        return self.dtype if self.kv_cache_dtype == "auto" else self.kv_cache_dtype
 
     @property
     def rope_scaling_dict(self) -> Optional[dict]:
@@ -154,6 +168,13 @@ class ModelConfig:
              f"model.scan_layers={self.scan_layers!r}: use true, false or 'auto'")
         need(isinstance(self.cond_dim, int) and self.cond_dim >= 0,
              f"model.cond_dim must be an integer >= 0 (0: no conditioning), got {self.cond_dim!r}")
+        need(self.weight_quant in _WEIGHT_QUANT,
+             f"model.weight_quant={self.weight_quant!r}: use one of {_WEIGHT_QUANT}")
+        need(self.kv_cache_dtype in _KV_CACHE_DTYPES,
+             f"model.kv_cache_dtype={self.kv_cache_dtype!r}: use one of {_KV_CACHE_DTYPES}")
+        need(not (self.kv_cache_dtype == "int8" and self.attention_backend == "pallas"),
+             "model.kv_cache_dtype='int8' is not supported by attention_backend='pallas' (the decode-attention "
+             "kernel reads float caches); use attention_backend='xla' or a float kv_cache_dtype")
         need(self.norm_eps > 0, f"model.norm_eps must be positive, got {self.norm_eps}")
         if self.rope_scaling is not None:
             kind = dict(self.rope_scaling).get("rope_type", dict(self.rope_scaling).get("type", "default"))

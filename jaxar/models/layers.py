@@ -15,6 +15,7 @@ Per-layer parameter dict (`p`):
     attn/k_proj/{kernel,bias}      [D, K, Dh], [K, Dh]
     attn/v_proj/{kernel,bias}      [D, K, Dh], [K, Dh]
     attn/qkv_proj/{kernel,bias}    [D, (H + 2K) * Dh]      (decode layout: replaces q/k/v_proj)
+    */kernel_scale                 [*out]                  (weight_quant="int8": kernel is int8, see jaxar.quant)
     attn/o_proj/{kernel,bias}      [H, Dh, D], [D]
     mlp_norm/{scale,bias}          [D]
     mlp/gate_proj/{kernel,bias}    [D, F]                  (gated_mlp)
@@ -33,6 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxar.config import ModelConfig
+from jaxar.quant import dequantize_kv, quantize_kv
 
 NEG_INF = -1e30  # finite, so fully-masked rows give a uniform softmax instead of NaN
 KV_CHUNK = 128  # cache slots per step of the online-softmax loop over the cache
@@ -45,12 +47,19 @@ def _dt(config: ModelConfig):
 def linear(p: dict, x, dtype, in_axes: int = 1):
     """`x @ kernel (+ bias)` over the last `in_axes` axes of x, in `dtype`.
 
-    kernel [*in, *out]; the result is [..., *out].
+    kernel [*in, *out]; the result is [..., *out]. An int8 kernel (with
+    `kernel_scale [*out]`, see `jaxar.quant`) is converted inside the dot and
+    its per-output-channel scale applied to the result, so the matmul reads
+    the int8 buffer.
     """
     w = p["kernel"].astype(dtype)
     x = x.astype(dtype)
     contract = (tuple(range(x.ndim - in_axes, x.ndim)), tuple(range(in_axes)))
-    y = jax.lax.dot_general(x, w, (contract, ((), ())))
+    if "kernel_scale" in p:
+        y = jax.lax.dot_general(x, w, (contract, ((), ())), preferred_element_type=jnp.float32)
+        y = (y * p["kernel_scale"].astype(jnp.float32)).astype(dtype)
+    else:
+        y = jax.lax.dot_general(x, w, (contract, ((), ())))
     if "bias" in p:
         y = y + p["bias"].astype(dtype)
     return y
@@ -217,15 +226,19 @@ def xla_attention(q, k, v, mask, sm_scale):
     return out.reshape(B, T, H, Dh).astype(q.dtype)
 
 
-def chunked_cache_attention(q, cache_k, cache_v, lengths, block, sm_scale, chunk: int = KV_CHUNK):
+def chunked_cache_attention(q, cache_k, cache_v, lengths, block, sm_scale, chunk: int = KV_CHUNK, scales=None):
     """Attention of T new queries over the cache, reading it only up to max(lengths).
 
     An online-softmax loop over `chunk`-slot pieces of the cache, as many as
     the longest row needs, so a step's cost follows the live tokens, not the
     buffer size. q: [B, T, H, Dh]; cache_k/v: [B, S, K, Dh] (S a multiple of
     chunk); lengths [B] valid slots after the write; block [B|1, T, T].
+    scales: None, or (k_scale, v_scale) [B, S, K] of an int8 cache: the scores
+    are multiplied by the key scales and the probabilities by the value
+    scales, piece by piece (the dequantized cache is never built).
     """
     B, T, H, Dh = q.shape
+    out_dtype = q.dtype if scales is not None else cache_v.dtype
     K = cache_k.shape[2]
     G = H // K
     # [batch, T, kv_heads, group, head_dim]
@@ -238,14 +251,23 @@ def chunked_cache_attention(q, cache_k, cache_v, lengths, block, sm_scale, chunk
         # [batch, chunk, kv_heads, head_dim]
         k = jax.lax.dynamic_slice_in_dim(cache_k, start, chunk, axis=1)
         v = jax.lax.dynamic_slice_in_dim(cache_v, start, chunk, axis=1)
+        if scales is not None:
+            k, v = k.astype(q.dtype), v.astype(q.dtype)
+            # [batch, kv_heads, 1, 1, chunk]
+            k_s, v_s = (jnp.transpose(jax.lax.dynamic_slice_in_dim(x, start, chunk, axis=1), (0, 2, 1))[:, :, None, None]
+                        for x in scales)
         # [batch, kv_heads, group, T, chunk]
         s = jnp.einsum("BTKGH,BCKH->BKGTC", q, k, preferred_element_type=jnp.float32) * sm_scale
+        if scales is not None:
+            s = s * k_s
         seen = _slots_mask(start + jnp.arange(chunk), lengths, T, block)  # [B, T, chunk]
         s = jnp.where(seen[:, None, None], s, NEG_INF)
         m_new = jnp.maximum(m, jnp.max(s, axis=-1))
         p = jnp.exp(s - m_new[..., None])
         scale = jnp.exp(m - m_new)
         l = l * scale + jnp.sum(p, axis=-1)
+        if scales is not None:
+            p = p * v_s
         # [batch, kv_heads, group, T, head_dim]
         pv = jnp.einsum("BKGTC,BCKH->BKGTH", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
         return i + 1, m_new, l, acc * scale[..., None] + pv
@@ -255,7 +277,7 @@ def chunked_cache_attention(q, cache_k, cache_v, lengths, block, sm_scale, chunk
     _, _, l, acc = jax.lax.while_loop(lambda c: c[0] < n_chunks, body, init)
     out = acc / jnp.maximum(l, 1e-30)[..., None]
     # [batch, T, heads, head_dim]
-    return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(B, T, H, Dh).astype(cache_v.dtype)
+    return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(B, T, H, Dh).astype(out_dtype)
 
 
 def project_qkv(config: ModelConfig, p: dict, x):
@@ -273,7 +295,8 @@ def project_qkv(config: ModelConfig, p: dict, x):
 def attention(config: ModelConfig, p: dict, x, inputs: AttentionInputs, layer_cache=None):
     """Multi-head / grouped-query attention with an explicit per-row KV cache.
 
-    x: [B, T, D]; layer_cache: (k, v) each [B, S, K, Dh] or None.
+    x: [B, T, D]; layer_cache: (k, v) each [B, S, K, Dh], or for an int8
+    cache (k, v, k_scale, v_scale) with scales [B, S, K], or None.
     Returns (out [B, T, D], new layer_cache or None).
     """
     q, k, v = project_qkv(config, p, x)
@@ -285,14 +308,18 @@ def attention(config: ModelConfig, p: dict, x, inputs: AttentionInputs, layer_ca
     if layer_cache is None:
         out, new_cache = _attend_full(config, q, k, v, inputs, sm_scale), None
     else:
-        cache_k, cache_v = layer_cache
+        cache_k, cache_v = layer_cache[:2]
         # Only the T new slots of each row are written (a scatter into the
         # donated buffer); slots past max_len are dropped, never clamped.
         b_idx = jnp.arange(x.shape[0])[:, None]
-        cache_k = cache_k.at[b_idx, inputs.write_slots].set(k.astype(cache_k.dtype), mode="drop")
-        cache_v = cache_v.at[b_idx, inputs.write_slots].set(v.astype(cache_v.dtype), mode="drop")
-        out = _attend_cache(config, q, cache_k, cache_v, inputs, sm_scale)
-        new_cache = (cache_k, cache_v)
+        write = lambda buf, new: buf.at[b_idx, inputs.write_slots].set(new.astype(buf.dtype), mode="drop")  # noqa: E731
+        scales = None
+        if len(layer_cache) == 4:  # int8 cache: one scale per (token, kv head)
+            (k, k_s), (v, v_s) = quantize_kv(k), quantize_kv(v)
+            scales = (write(layer_cache[2], k_s), write(layer_cache[3], v_s))
+        cache_k, cache_v = write(cache_k, k), write(cache_v, v)
+        out = _attend_cache(config, q, cache_k, cache_v, inputs, sm_scale, scales)
+        new_cache = (cache_k, cache_v) + (scales or ())
     return linear(p["o_proj"], out, _dt(config), in_axes=2), new_cache
 
 
@@ -311,7 +338,7 @@ def _attend_full(config, q, k, v, inputs, sm_scale):
     return xla_attention(q, k, v, mask, sm_scale)
 
 
-def _attend_cache(config, q, cache_k, cache_v, inputs, sm_scale):
+def _attend_cache(config, q, cache_k, cache_v, inputs, sm_scale, scales=None):
     T, S = q.shape[1], cache_k.shape[1]
     block = new_block_mask(T, inputs.order_ids, inputs.tree_mask)
     if config.attention_backend == "pallas":
@@ -323,7 +350,9 @@ def _attend_cache(config, q, cache_k, cache_v, inputs, sm_scale):
         return decode_attention(q, cache_k, cache_v, inputs.lengths, sm_scale=sm_scale, tree_mask=tree,
                                 interpret=jax.default_backend() == "cpu")
     if S > KV_CHUNK and S % KV_CHUNK == 0:
-        return chunked_cache_attention(q, cache_k, cache_v, inputs.lengths, block, sm_scale)
+        return chunked_cache_attention(q, cache_k, cache_v, inputs.lengths, block, sm_scale, scales=scales)
+    if scales is not None:
+        cache_k, cache_v = (dequantize_kv(c, s).astype(q.dtype) for c, s in zip((cache_k, cache_v), scales))
     mask = _slots_mask(jnp.arange(S), inputs.lengths, T, block)
     return xla_attention(q, cache_k, cache_v, mask, sm_scale)
 

@@ -146,14 +146,21 @@ def apply_model(config: ModelConfig, params: dict, tokens, inputs: AttentionInpu
     """The forward computation over a params dict (stacked or decode layout).
 
     tokens [B, T] int (or None with embeds [B, T, D]); cache_kv: (k, v) tuples
-    of per-layer [B, S, K, Dh] buffers or None. Returns (logits float32, new
+    of per-layer [B, S, K, Dh] buffers, (k, v, k_scale, v_scale) for an int8
+    cache (scales per-layer [B, S, K]), or None. Returns (logits float32, new
     cache_kv) + (final hidden,) if return_hidden + (hidden states,) if
     hidden_layers.
     """
     cfg = config
     dt = jnp.dtype(cfg.dtype)
     emb = params["embed"]["embedding"]
-    x = embeds.astype(dt) if embeds is not None else jnp.take(emb.astype(dt), tokens, axis=0)
+    emb_scale = params["embed"].get("embedding_scale")  # [V] per row when the table is int8 (jaxar.quant)
+    if embeds is not None:
+        x = embeds.astype(dt)
+    elif emb_scale is not None:
+        x = (jnp.take(emb, tokens, axis=0).astype(jnp.float32) * jnp.take(emb_scale, tokens, axis=0)[..., None]).astype(dt)
+    else:
+        x = jnp.take(emb.astype(dt), tokens, axis=0)
     if cfg.position == "learned":
         x = x + jnp.take(params["pos_embed"]["embedding"].astype(dt), inputs.positions, axis=0)
     if cond is not None and not cfg.cond_dim:
@@ -168,18 +175,19 @@ def apply_model(config: ModelConfig, params: dict, tokens, inputs: AttentionInpu
         step = lambda p, x: L.block(cfg, p, x, inputs, None, cond)[0]  # noqa: E731
         if cfg.remat != "none" and cache_kv is None:
             step = jax.checkpoint(step, policy=_remat_policy(cfg.remat))
-        new_k, new_v = [], []
+        parts = 0 if cache_kv is None else (4 if len(cache_kv) == 4 and len(cache_kv[2]) else 2)
+        new_kv = [[] for _ in range(parts)]
         for i, p in enumerate(per_layer):
             if cache_kv is None:
                 x = step(p, x)
             else:
-                x, (k, v) = L.block(cfg, p, x, inputs, (cache_kv[0][i], cache_kv[1][i]), cond)
-                new_k.append(k)
-                new_v.append(v)
+                x, layer_cache = L.block(cfg, p, x, inputs, tuple(c[i] for c in cache_kv[:parts]), cond)
+                for buffers, b in zip(new_kv, layer_cache):
+                    buffers.append(b)
             if i + 1 in want:
                 collected[i + 1] = x
         if cache_kv is not None:
-            cache_kv = (tuple(new_k), tuple(new_v))
+            cache_kv = tuple(tuple(b) for b in new_kv)
     else:
         collect = any(0 < i <= n for i in want)
 
@@ -204,7 +212,11 @@ def apply_model(config: ModelConfig, params: dict, tokens, inputs: AttentionInpu
         hidden = jnp.take_along_axis(hidden, logits_at[:, :, None], axis=1)
     if cfg.tie_embeddings:
         # Contract over the table's own D axis: no transposed copy of [V, D].
-        logits = jax.lax.dot_general(hidden.astype(dt), emb.astype(dt), (((hidden.ndim - 1,), (1,)), ((), ())))
+        if emb_scale is not None:  # int8 table: one scale per row = per output channel of the head
+            logits = jax.lax.dot_general(hidden.astype(dt), emb.astype(dt), (((hidden.ndim - 1,), (1,)), ((), ())),
+                                         preferred_element_type=jnp.float32) * emb_scale
+        else:
+            logits = jax.lax.dot_general(hidden.astype(dt), emb.astype(dt), (((hidden.ndim - 1,), (1,)), ((), ())))
     else:
         logits = L.linear(params["lm_head"], hidden, dt)
     out = (logits.astype(jnp.float32), cache_kv)
@@ -233,12 +245,36 @@ def decode_params(params: dict, config: ModelConfig, fuse: Optional[bool] = None
     weight in place instead of slicing it out of the stacked tree. Already
     converted params are returned as they are. `fuse` defaults to True unless
     the params are sharded over several devices (fusing would mix shards of
-    the head axis).
+    the head axis; `jaxar.parallel.shard_params` fuses before placing when
+    the mesh has no tensor axis). With `config.weight_quant == "int8"` the
+    result holds int8 weights (`jaxar.quant`), also when `params` already
+    were in the decode layout.
     """
-    if is_decode_layout(params):
-        return params
+    if not is_decode_layout(params):
+        params = _decode_layout(params, config, fuse)
+    if config.weight_quant == "int8":
+        from jaxar.quant import quantize_decode_layout
+
+        params = quantize_decode_layout(params)
+    return params
+
+
+def _spans_devices(x) -> bool:
+    try:
+        return len(x.devices()) > 1
+    except Exception:  # noqa: BLE001 - tracers and numpy arrays live nowhere in particular
+        return False
+
+
+def _decode_layout(params: dict, config: ModelConfig, fuse: Optional[bool]) -> dict:
     if fuse is None:
-        fuse = all(len(getattr(x, "devices", lambda: {0})()) <= 1 for x in jax.tree_util.tree_leaves(params))
+        fuse = not any(_spans_devices(x) for x in jax.tree_util.tree_leaves(params))
+    # One compiled program instead of thousands of eager slices (30 layers x every leaf).
+    return _decode_layout_jit(params, config=config, fuse=bool(fuse))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "fuse"))
+def _decode_layout_jit(params: dict, *, config: ModelConfig, fuse: bool) -> dict:
     D = config.d_model
     out_layers = []
     for p in _unstack(params["layers"], config.n_layers):
@@ -346,6 +382,11 @@ def forward(params, tokens=None, *, config: ModelConfig, positions=None, cache: 
         logits_at = jnp.clip(last, 0, T - 1)[:, None]
     elif logits_at is not None:
         logits_at = jnp.asarray(logits_at, jnp.int32)
+    if config.weight_quant == "int8" and "embedding_scale" not in params["embed"]:
+        params = decode_params(params, config)  # float params: quantized here (once per call)
+    if cache is not None and cache.quantized != (jnp.dtype(config.cache_dtype) == jnp.int8):
+        raise ValueError(f"the cache is {cache.k[0].dtype} but model.kv_cache_dtype={config.kv_cache_dtype!r}; "
+                         "build it with KVCache.empty(config, ...)")
     return _forward_jit(params, tokens, embeds, cond, positions, cache, segment_ids, order_ids, num_new, tree_mask,
                         logits_at, config=config, return_hidden=return_hidden,
                         hidden_layers=tuple(int(i) for i in hidden_layers))
@@ -355,6 +396,9 @@ def forward(params, tokens=None, *, config: ModelConfig, positions=None, cache: 
 def _forward_jit(params, tokens, embeds, cond, positions, cache, segment_ids, order_ids, num_new, tree_mask, logits_at,
                  *, config, return_hidden, hidden_layers):
     B, T = (tokens if tokens is not None else embeds).shape[:2]
+    placement = params.get("placement")  # jaxar.parallel.shard_params: the mesh the params live on
+    if placement is not None:
+        tokens, embeds, cache = placement.constrain_inputs(tokens, embeds, cache)
     kw = dict(embeds=embeds, cond=cond, hidden_layers=hidden_layers, return_hidden=return_hidden,
               logits_at=logits_at)
     if cache is None:
@@ -374,9 +418,13 @@ def _forward_jit(params, tokens, embeds, cond, positions, cache, segment_ids, or
     # length then advances by num_new only.
     inputs = AttentionInputs(positions=positions, order_ids=order_ids, write_slots=write_slots, lengths=start + T,
                              tree_mask=tree_mask)
-    out = apply_model(config, params, tokens, inputs, cache_kv=(cache.k, cache.v), **kw)
-    logits, (k, v) = out[0], out[1]
-    new_cache = KVCache(k=k, v=v, lengths=jnp.minimum(new_len, cache.max_len))
+    out = apply_model(config, params, tokens, inputs, cache_kv=(cache.k, cache.v, cache.k_scale, cache.v_scale), **kw)
+    logits, kv = out[0], out[1]
+    scales = kv[2:] if len(kv) == 4 else ((), ())
+    new_cache = KVCache(k=kv[0], v=kv[1], lengths=jnp.minimum(new_len, cache.max_len), k_scale=scales[0],
+                        v_scale=scales[1])
+    if placement is not None:
+        new_cache = placement.constrain_cache(new_cache)
     return (logits, new_cache) + tuple(out[2:])
 
 

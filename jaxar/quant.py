@@ -1,0 +1,118 @@
+"""Int8 inference: weight-only quantization and the int8 KV cache.
+
+Weights (`ModelConfig.weight_quant = "int8"`): symmetric, one float32 scale
+per output channel, `scale = max |w| over the input axes / 127`,
+`w_int8 = round(w / scale)` in [-127, 127]. A quantized linear leaf is
+
+    {"kernel": int8 [*in, *out], "kernel_scale": float32 [*out] (, "bias": float)}
+
+and `layers.linear` computes `(x @ kernel.astype(dtype)) * kernel_scale`: the
+scale is applied after the dot, so the matmul reads the int8 buffer and the
+dequantized matrix is never materialised. Quantized: every attention and MLP
+kernel (fused or not), `lm_head/kernel`, and the embedding table per row
+(`embed/embedding_scale [V]`): a row is both an input embedding
+(`table[token] * scale[token]`) and, with tied embeddings, one output channel
+of the head, the biggest matrix of small models such as SmolLM2. Left in
+float: norms, biases, learned positions and the adaptive-norm (`ada`) terms.
+
+KV cache (`ModelConfig.kv_cache_dtype = "int8"`): each new key / value vector
+of one token and one kv head is stored as int8 with its own float32 scale
+(`quantize_kv`); attention multiplies the scores by the key scales and the
+probabilities by the value scales chunk by chunk, so it reads int8 buffers.
+
+Both are inference switches; `quantize_params` is applied once, outside jit,
+by `transformer.decode_params` (hence by `generate`, `beam_search` and
+`speculative_generate`), and `forward` applies it itself to float params.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxar.config import ModelConfig
+
+INT8_MAX = 127.0
+
+# Linear layers under each decode-layout layer, with the number of input axes of their kernels.
+_LAYER_LINEARS = {
+    ("attn", "qkv_proj"): 1, ("attn", "q_proj"): 1, ("attn", "k_proj"): 1, ("attn", "v_proj"): 1,
+    ("attn", "o_proj"): 2,
+    ("mlp", "gate_up_proj"): 1, ("mlp", "gate_proj"): 1, ("mlp", "up_proj"): 1, ("mlp", "down_proj"): 1,
+}
+
+
+def quantize_weight(w, in_axes: int = 1):
+    """`(w_int8 [*in, *out], scale float32 [*out])`: symmetric per output channel over the first `in_axes` axes."""
+    w32 = w.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(w32), axis=tuple(range(in_axes)))
+    scale = jnp.where(amax > 0, amax / INT8_MAX, 1.0)
+    q = jnp.clip(jnp.round(w32 / scale), -INT8_MAX, INT8_MAX).astype(jnp.int8)
+    return q, scale
+
+
+def dequantize_weight(q, scale):
+    """float32 `q * scale`, the scale broadcast over the leading (input) axes."""
+    return q.astype(jnp.float32) * scale.astype(jnp.float32)
+
+
+def quantize_kv(x):
+    """`(x_int8, scale float32 x.shape[:-1])`: one symmetric scale per vector of the last axis (head_dim)."""
+    x32 = x.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(x32), axis=-1)
+    scale = jnp.where(amax > 0, amax / INT8_MAX, 1.0)
+    q = jnp.clip(jnp.round(x32 / scale[..., None]), -INT8_MAX, INT8_MAX).astype(jnp.int8)
+    return q, scale
+
+
+def dequantize_kv(q, scale):
+    return q.astype(jnp.float32) * scale[..., None]
+
+
+def is_quantized(params) -> bool:
+    """Whether `params` already hold int8 weights (`quantize_params` output)."""
+    return "embedding_scale" in params.get("embed", {})
+
+
+def _quantize_linear(p: dict, in_axes: int) -> dict:
+    q, scale = quantize_weight(p["kernel"], in_axes)
+    return {**p, "kernel": q, "kernel_scale": scale}
+
+
+def quantize_decode_layout(params: dict) -> dict:
+    """Int8 weights for params already in the decode layout (`layers` a tuple of per-layer dicts)."""
+    if is_quantized(params):
+        return params
+    return _quantize_decode_layout(params)
+
+
+@jax.jit
+def _quantize_decode_layout(params: dict) -> dict:
+    layers = []
+    for p in params["layers"]:
+        p = {k: dict(v) if isinstance(v, dict) else v for k, v in p.items()}
+        for (group, name), in_axes in _LAYER_LINEARS.items():
+            if name in p.get(group, {}):
+                p[group][name] = _quantize_linear(p[group][name], in_axes)
+        layers.append(p)
+    out = {**params, "layers": tuple(layers)}
+    table, scale = quantize_weight(params["embed"]["embedding"].T, in_axes=1)  # per row of [V, D]
+    out["embed"] = {**params["embed"], "embedding": table.T, "embedding_scale": scale}
+    if "lm_head" in params:
+        out["lm_head"] = _quantize_linear(params["lm_head"], 1)
+    return out
+
+
+def quantize_params(params: dict, config: ModelConfig) -> dict:
+    """Params in the decode layout with int8 weights (see the module docstring); done once, outside jit.
+
+    Accepts the stacked (training) layout or the decode layout; quantized params are returned as they are.
+    Use them with `config.replace(weight_quant="int8")` (the layout carries the quantization either way).
+    """
+    from jaxar.models.transformer import decode_params
+
+    return decode_params(params, config.replace(weight_quant="int8"))
+
+
+__all__ = ["dequantize_kv", "dequantize_weight", "is_quantized", "quantize_decode_layout", "quantize_kv",
+           "quantize_params", "quantize_weight"]
