@@ -242,3 +242,28 @@ def test_params_go_through_the_models_decode_layout_once_per_call(monkeypatch):
     speculative_generate(params, toks, lens, config=config, max_new_tokens=3, num_draft=2, draft_params=params,
                          draft_config=config)
     assert calls == [config] * 4
+
+
+def test_presence_and_frequency_penalties_equal_a_greedy_numpy_resimulation(tmp_path):
+    """Greedy decoding with per-row presence / frequency penalties, step by step: transformers'
+    logits of the sequence so far, the penalties in float64 numpy over the generated tokens, argmax."""
+    model, config, params = _load("llama_gqa", tmp_path)
+    prompts = _prompts(config.vocab_size, PROMPT_LENS, seed=3)
+    penalties = [(1.5, 0.0), (0.0, 1.0), (-0.5, 2.0), (0.0, 0.0)]
+    sampling = [SamplingConfig(temperature=0.0, presence_penalty=p, frequency_penalty=f) for p, f in penalties]
+    toks, lens = pad_prompts(prompts)
+    out = generate(params, toks, lens, config=config, max_new_tokens=12, sampling=sampling, eos_ids=[])
+    plain = generate(params, toks, lens, config=config, max_new_tokens=12, eos_ids=[])
+    V = config.vocab_size
+    for b, (prompt, (p, f)) in enumerate(zip(prompts, penalties)):
+        seq, gen = list(prompt), []
+        for _ in range(12):
+            with torch.no_grad():
+                logits = model(torch.tensor([seq])).logits[0, -1].double().numpy()
+            counts = np.bincount(np.asarray(gen, np.int64), minlength=V).astype(np.float64)
+            token = int(np.argmax(logits - p * (counts > 0) - f * counts))
+            seq.append(token)
+            gen.append(token)
+        assert _strip(out.tokens[b], 12) == gen, b
+    assert _strip(plain.tokens[3], 12) == _strip(out.tokens[3], 12)
+    assert any(_strip(plain.tokens[b], 12) != _strip(out.tokens[b], 12) for b in range(3))  # the penalties bite

@@ -212,3 +212,169 @@ def test_gpt2_directory_generates_to_its_context_and_not_past_it(tmp_path, capsy
     code, rows, err = _run(["--model", str(path), "--prompts", str(prompts), "--max-new-tokens", "55"], capsys)
     assert code == 2 and rows == [] and "exceeds the model's context of 64" in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+# --------------------------------------------------------------------------- chat, stop strings, streaming, samples
+
+CHAT_SYSTEM, CHAT_USER = "You are a terse assistant.", "What is the capital of France?"
+
+
+def test_chat_on_smollm2_equals_transformers_generate_and_stop_strings_cut_as_transformers(
+        smollm2_hf_dir, smollm2_torch, capsys):
+    import torch
+    import transformers
+
+    hf = transformers.AutoTokenizer.from_pretrained(smollm2_hf_dir)
+    messages = [{"role": "system", "content": CHAT_SYSTEM}, {"role": "user", "content": CHAT_USER}]
+    ids = hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    end_of_turn = hf.convert_tokens_to_ids("<|im_end|>")
+
+    def reference(**kw):
+        with torch.no_grad():
+            out = smollm2_torch.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                         max_new_tokens=8, do_sample=False, eos_token_id=end_of_turn,
+                                         pad_token_id=end_of_turn, **kw)
+        return out[0, len(ids):].tolist()
+
+    argv = ["--model", smollm2_hf_dir, "--chat", CHAT_USER, "--system", CHAT_SYSTEM, "--temperature", "0",
+            "--max-new-tokens", "8", "--batch-size", "1"]
+    code, rows, err = _run(argv, capsys)
+    ref = reference()
+    assert code == 0, err
+    assert rows[0]["tokens"] == ref
+    assert rows[0]["prompt"] == hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert rows[0]["messages"] == messages
+    text = hf.decode(ref, skip_special_tokens=True)
+    assert rows[0]["completion"] == text and len(text) > 6
+    # a stop string that starts inside the completion: transformers' StopStringCriteria stops at the
+    # token that completes it; the completion is cut before it
+    stop = text[len(text) // 2: len(text) // 2 + 2]
+    ref_stop = reference(stop_strings=[stop], tokenizer=hf)
+    code, rows, err = _run(argv + ["--stop", stop], capsys)
+    assert code == 0, err
+    assert rows[0]["tokens"] == ref_stop and len(ref_stop) < len(ref)
+    assert rows[0]["completion"] == text[:text.find(stop)] and rows[0]["finish_reason"] == "stop"
+
+
+@pytest.fixture(scope="module")
+def free_run(model_dir):
+    """Greedy tokens of the tiny model on "abc" without any stop rule (shapes shared with the tests above:
+    one compiled program per batch size)."""
+    config, params = jaxar.from_pretrained(model_dir)
+    t, l_ = pad_prompts([ByteTokenizer().encode("abc")])
+    free = [int(x) for x in generate(params, t, l_, config=config, max_new_tokens=16, eos_ids=[]).tokens[0]]
+    return free
+
+
+def _shortest_prefix_with(tokens, stop):
+    tok = ByteTokenizer()
+    for k in range(1, len(tokens) + 1):
+        if stop in tok.decode(tokens[:k]):
+            return tokens[:k]
+    return None
+
+
+def test_stop_strings_cut_the_completion_before_the_first_one(model_dir, free_run, capsys):
+    tok = ByteTokenizer()
+    text = tok.decode(free_run)
+    # two stop strings taken from the free-running text: the earliest occurrence wins
+    picks = [i for i, t in enumerate(free_run) if 32 <= t < 127 and i >= 3]
+    late, early = chr(free_run[picks[-1]]), chr(free_run[picks[0]])
+    code, rows, _ = _run(["--model", model_dir, "--prompt", "abc", "--temperature", "0", "--max-new-tokens", "16",
+                          "--stop", late, "--stop", early], capsys)
+    first = min(text.find(late), text.find(early))
+    assert code == 0 and rows[0]["completion"] == text[:first] and rows[0]["finish_reason"] == "stop"
+    expected = _shortest_prefix_with(free_run, text[first])
+    assert rows[0]["tokens"] == expected
+    code, rows, _ = _run(["--model", model_dir, "--prompt", "abc", "--temperature", "0", "--max-new-tokens", "16",
+                          "--stop", "\x00never\x00"], capsys)
+    assert rows[0]["tokens"] == free_run[:len(rows[0]["tokens"])] and rows[0]["completion"] == tok.decode(
+        [t for t in rows[0]["tokens"] if t != 256])
+
+
+class _Chunks(io.StringIO):
+    """stdout that records each write, to see that streaming printed as it went."""
+
+    def __init__(self):
+        super().__init__()
+        self.chunks = []
+
+    def write(self, s):
+        self.chunks.append(s)
+        return super().write(s)
+
+
+def test_stream_prints_the_completions_in_row_order_as_they_come(model_dir, free_run, tmp_path, capsys):
+    out = tmp_path / "out.jsonl"
+    stop = chr(next(t for t in free_run[6:] if 32 <= t < 127))
+    stdout = _Chunks()
+    argv = ["--model", model_dir, "--prompt", "abc", "--prompt", "hello there", "--prompt", "z", "--temperature",
+            "0.7", "--seed", "5", "--max-new-tokens", "12", "--batch-size", "2", "--stop", stop, "--no-progress"]
+    code = run(argv + ["--stream", "--output", str(out)], stdout=stdout)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert code == 0 and [r["prompt"] for r in rows] == ["abc", "hello there", "z"]
+    assert stdout.getvalue() == "".join(r["completion"] + "\n" for r in rows)
+    assert len(stdout.chunks) > len(rows) + 2  # pieces came one step at a time, not one write per row
+    plain = io.StringIO()
+    assert run(argv, stdout=plain) == 0  # streaming does not change what is generated
+    assert [json.loads(line) for line in plain.getvalue().splitlines()] == rows
+
+
+def test_num_samples_gives_n_rows_per_prompt(model_dir, capsys):
+    argv = ["--model", model_dir, "--prompt", "abc", "--prompt", "xy", "--max-new-tokens", "8", "--num-samples", "3"]
+    code, rows, _ = _run(argv + ["--temperature", "1.5"], capsys)
+    assert code == 0 and [(r["prompt"], r["sample"]) for r in rows] == [(p, k) for p in ("abc", "xy")
+                                                                         for k in range(3)]
+    for p in ("abc", "xy"):
+        samples = [tuple(r["tokens"]) for r in rows if r["prompt"] == p]
+        assert len(set(samples)) == 3
+    code, greedy, _ = _run(argv + ["--temperature", "0"], capsys)
+    for p in ("abc", "xy"):
+        assert len({tuple(r["tokens"]) for r in greedy if r["prompt"] == p}) == 1
+
+
+def test_chat_rows_in_a_prompts_file_use_the_chat_template(model_dir, tmp_path, capsys):
+    import shutil
+
+    path = tmp_path / "m"
+    shutil.copytree(model_dir, path)
+    (path / "chat_template.jinja").write_text("{% for m in messages %}{{ m.role[0] }}:{{ m.content }}|{% endfor %}"
+                                              "{% if add_generation_prompt %}a:{% endif %}")
+    messages = [{"role": "system", "content": "brief"}, {"role": "user", "content": "hi"}]
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"messages": messages}) + "\n" + json.dumps({"prompt": "plain"}) + "\n")
+    code, rows, _ = _run(["--model", str(path), "--prompts", str(prompts), "--temperature", "0",
+                          "--max-new-tokens", "5"], capsys)
+    rendered = "s:brief|u:hi|a:"  # under 16 bytes: the compiled program of the tests above
+    assert code == 0 and rows[0]["prompt"] == rendered and rows[0]["messages"] == messages
+    config, params = jaxar.from_pretrained(str(path))
+    for row, text in zip(rows, [rendered, "plain"]):
+        t, l_ = pad_prompts([ByteTokenizer().encode(text)])
+        ref = generate(params, t, l_, config=config, max_new_tokens=5)
+        assert row["tokens"] == [int(x) for x in ref.tokens[0, :int(ref.num_tokens[0])]]
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--num-samples", "0"], "--num-samples must be >= 1"),
+    (["--chat", "hi"], "exactly one of them"),
+    (["--system", "be nice"], "--system applies to --chat"),
+    (["--stream", "--num-beams", "2", "--temperature", "0"], "--stream works with plain sampling only"),
+    (["--draft", "ngram", "--presence-penalty", "0.5"], "--draft does not support --presence-penalty"),
+    (["--frequency-penalty", "nan"], "--frequency-penalty must be a finite number"),
+    (["--stop", ""], "--stop needs a non-empty string"),
+])
+def test_bad_chat_and_sampling_flags_exit_2_with_one_line(model_dir, capsys, extra, message):
+    code, rows, err = _run(["--model", model_dir, "--prompt", "hello"] + extra, capsys)
+    assert code == 2 and rows == [] and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert message in err, err
+
+
+def test_chat_without_a_chat_template_is_a_one_line_error(model_dir, tmp_path, capsys):
+    code, rows, err = _run(["--model", model_dir, "--chat", "hello"], capsys)
+    assert code == 2 and rows == [] and "the model has no chat template" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": "hello"}\n')
+    code, _, err = _run(["--model", model_dir, "--prompts", str(bad)], capsys)
+    assert code == 2 and "bad.jsonl:1: \"messages\" must be a non-empty list" in err

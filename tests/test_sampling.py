@@ -311,3 +311,50 @@ def test_per_row_params_over_positions():
     ours = np.asarray(S.probabilities(x, SamplingParams.build(rows, 3)))
     for b, cfg in enumerate(rows):
         np.testing.assert_array_equal(ours[b], np.asarray(S.probabilities(x[b], cfg)))
+
+
+# --------------------------------------------------------------------------- presence / frequency penalties
+
+def test_presence_and_frequency_penalties_match_float64_numpy_over_generated_tokens():
+    """OpenAI's rule, logit -= presence * [count > 0] + frequency * count, with counts over the
+    generated tokens only (the prompt does not count), after the repetition penalty, per row."""
+    B, V, L = 5, 40, 14
+    x = _logits(11, (B, V))
+    rng = np.random.default_rng(12)
+    ids = rng.integers(0, V, size=(B, L))
+    ids[:, 9] = ids[:, 8]  # a token generated twice
+    ids[:, 7] = ids[:, 1]  # a generated token that is also in the prompt
+    prompt_len, seq_len = np.array([3, 1, 5, 2, 4]), np.array([14, 6, 5, 12, 10])
+    pos = np.arange(L)[None]
+    valid, generated = pos < seq_len[:, None], (pos >= prompt_len[:, None]) & (pos < seq_len[:, None])
+    settings = [(0.5, 0.3, 1.0), (-1.0, 0.0, 1.0), (2.0, 1.0, 1.0), (0.0, -0.7, 1.3), (0.0, 0.0, 1.0)]
+    rows = [SamplingConfig(temperature=0, presence_penalty=p, frequency_penalty=f, repetition_penalty=r)
+            for p, f, r in settings]
+    ours = np.asarray(jax.jit(S.process_logits)(x, SamplingParams.build(rows, B), ids, valid, generated))
+    for b, (p, f, r) in enumerate(settings):
+        ref = x[b].astype(np.float64)
+        seen = np.zeros(V, bool)
+        seen[ids[b, :seq_len[b]]] = True  # the repetition penalty sees the prompt too
+        ref = np.where(seen, np.where(ref < 0, ref * r, ref / r), ref)
+        counts = np.bincount(ids[b][generated[b]], minlength=V).astype(np.float64)
+        ref = ref - p * (counts > 0) - f * counts
+        np.testing.assert_allclose(ours[b], ref, rtol=1e-6, atol=1e-6)
+    # a static config gives the same numbers as its per-row form
+    single = S.process_logits(x[3:4], rows[3], ids[3:4], valid[3:4], generated[3:4])
+    np.testing.assert_array_equal(np.asarray(single)[0], ours[3])
+    np.testing.assert_array_equal(ours[4], x[4])  # both off: bit-for-bit unchanged
+    # no output mask: nothing counted (speculative callers that do not mark generated tokens)
+    np.testing.assert_array_equal(np.asarray(S.process_logits(x[4:], rows[0], ids[4:], valid[4:])), x[4:])
+
+
+def test_new_penalty_values_reuse_the_compiled_program():
+    B, V, L = 2, 16, 6
+    x, ids = _logits(3, (B, V)), np.arange(B * L).reshape(B, L) % V
+    mask = np.ones((B, L), bool)
+    f = jax.jit(lambda logits, params: S.process_logits(logits, params, ids, mask, mask))
+    outs = [f(x, SamplingParams.build(SamplingConfig(temperature=0.7, presence_penalty=p, frequency_penalty=q), B))
+            for p, q in ((0.0, 0.0), (0.5, 0.2), (-1.0, 2.0))]
+    assert f._cache_size() == 1
+    assert not np.array_equal(outs[0], outs[1]) and not np.array_equal(outs[1], outs[2])
+    with pytest.raises(ValueError, match="presence_penalty must be a finite"):
+        SamplingConfig(presence_penalty=float("inf")).validate()
