@@ -249,12 +249,16 @@ def _special_ids(md: dict) -> dict:
     return ids
 
 
-def _llama3_rope_scaling(factors: np.ndarray, head_dim: int, theta: float, source: str) -> dict:
+def _llama3_rope_scaling(factors: np.ndarray, head_dim: int, theta: float, source: str) -> Optional[dict]:
     """Llama 3.1's rope scaling from llama.cpp's `rope_freqs` tensor (the per-frequency
     wavelength multipliers), if they follow Llama 3's formula with its usual constants."""
     factor = float(np.max(factors))
+    if np.all(factors == 1.0):
+        return None
     inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
-    for low, high, original in ((1.0, 4.0, 8192), (1.0, 4.0, 4096), (1.0, 4.0, 16384)):
+    # Llama 3.x ships low 1, high 4, 8192 positions; the others are tried for smaller variants.
+    candidates = [(low, high, 2 ** k) for low, high in ((1.0, 4.0), (1.0, 2.0), (2.0, 4.0)) for k in range(4, 21)]
+    for low, high, original in sorted(candidates, key=lambda c: (c != (1.0, 4.0, 8192), c)):
         wavelen = 2 * np.pi / inv_freq
         low_wl, high_wl = original / low, original / high
         smooth = (original / wavelen - low) / (high - low)
@@ -317,8 +321,9 @@ def hf_config_from_gguf(file: GGUFFile) -> dict:
             raise ConfigError(f"{source}: rope scaling {kind!r} is not supported (jaxar reads linear and llama3)")
         out["rope_scaling"] = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
     if "rope_freqs.weight" in file.tensors:
-        out["rope_scaling"] = _llama3_rope_scaling(file.read("rope_freqs.weight").astype(np.float64),
-                                                   head_dim, theta, source)
+        scaling = _llama3_rope_scaling(file.read("rope_freqs.weight").astype(np.float64), head_dim, theta, source)
+        if scaling is not None:
+            out["rope_scaling"] = scaling
     if arch == "llama":
         out["attention_bias"] = "blk.0.attn_q.bias" in file.tensors
     else:
