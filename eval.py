@@ -64,7 +64,8 @@ def _load_model(args):
     from jaxar.tokenizer import load_tokenizer
 
     try:
-        config, params = jaxar.from_pretrained(args.model, dtype=args.dtype)
+        config, params = jaxar.from_pretrained(args.model, dtype=args.dtype,
+                                               progress=False if args.no_progress else None)
     except (OSError, ValueError) as e:  # ConfigError, CheckpointError and missing files are both
         raise UsageError(f"--model {args.model}: {e}") from None
     if args.scan_layers != "auto":
@@ -101,6 +102,9 @@ def run(argv: Optional[List[str]] = None, stdout=None) -> int:
             windows = token_windows(documents, tokenizer, seq_len=seq_len, max_tokens=args.max_tokens)
         except ValueError as e:
             raise UsageError(f"--data {args.data}: {e}") from None
+        if int(windows.tokens.max()) >= config.vocab_size:
+            raise UsageError(f"--model {args.model}: the tokenizer gives id {int(windows.tokens.max())}, outside the "
+                             f"model's vocabulary of {config.vocab_size}")
         result = perplexity(params, config, windows, batch_size=args.batch_size, progress=not args.no_progress)
     except UsageError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)

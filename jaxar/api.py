@@ -22,8 +22,8 @@ def _is_hf_dir(path: str) -> bool:
     return os.path.exists(os.path.join(path, "config.json"))
 
 
-def from_pretrained(path: str, *, dtype: Optional[str] = None, attention_backend: Optional[str] = None
-                    ) -> Tuple[ModelConfig, dict]:
+def from_pretrained(path: str, *, dtype: Optional[str] = None, attention_backend: Optional[str] = None,
+                    progress: Optional[bool] = None) -> Tuple[ModelConfig, dict]:
     """Load `(config, params)` from a Hugging Face model directory, a GGUF file or a jaxar run / checkpoint directory.
 
     Hugging Face: config.json plus model.safetensors or a sharded
@@ -32,6 +32,8 @@ def from_pretrained(path: str, *, dtype: Optional[str] = None, attention_backend
     dequantized to float32 (see `jaxar.convert.gguf`). jaxar: a `train.py`
     run_dir (the latest complete checkpoint is used) or a directory written by
     `save_pretrained`. `dtype` casts params and sets the compute dtype (e.g. "bfloat16").
+    `progress`: a tqdm bar on stderr while a GGUF file is dequantized (default: for files of
+    100 tensors or more).
     """
     path = os.path.expanduser(str(path))
     from jaxar.convert import gguf
@@ -43,7 +45,7 @@ def from_pretrained(path: str, *, dtype: Optional[str] = None, attention_backend
                                     "a model directory")
         raise FileNotFoundError(f"model directory {path!r} does not exist or is not a directory")
     if gguf_file is not None:
-        config, params = gguf.load_gguf(gguf_file)
+        config, params = gguf.load_gguf(gguf_file, progress=progress)
     elif _is_hf_dir(path):
         cfg_path = os.path.join(path, "config.json")
         try:
