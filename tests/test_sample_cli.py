@@ -275,18 +275,21 @@ def _shortest_prefix_with(tokens, stop):
     return None
 
 
-def test_stop_strings_cut_the_completion_before_the_first_one(model_dir, free_run, capsys):
+def test_stop_strings_cut_the_completion_before_the_first_one(model_dir, free_run, tmp_path, capsys):
+    stats = tmp_path / "stats.json"
     tok = ByteTokenizer()
     text = tok.decode(free_run)
     # two stop strings taken from the free-running text: the earliest occurrence wins
     picks = [i for i, t in enumerate(free_run) if 32 <= t < 127 and i >= 3]
     late, early = chr(free_run[picks[-1]]), chr(free_run[picks[0]])
     code, rows, _ = _run(["--model", model_dir, "--prompt", "abc", "--temperature", "0", "--max-new-tokens", "16",
-                          "--stop", late, "--stop", early], capsys)
+                          "--stop", late, "--stop", early, "--stats", str(stats), "--batch-size", "2"], capsys)
     first = min(text.find(late), text.find(early))
     assert code == 0 and rows[0]["completion"] == text[:first] and rows[0]["finish_reason"] == "stop"
     expected = _shortest_prefix_with(free_run, text[first])
     assert rows[0]["tokens"] == expected
+    # the decode loop itself stopped there (no token generated past the stop string)
+    assert json.loads(stats.read_text())["generated_tokens"] == len(expected) < len(free_run)
     code, rows, _ = _run(["--model", model_dir, "--prompt", "abc", "--temperature", "0", "--max-new-tokens", "16",
                           "--stop", "\x00never\x00"], capsys)
     assert rows[0]["tokens"] == free_run[:len(rows[0]["tokens"])] and rows[0]["completion"] == tok.decode(

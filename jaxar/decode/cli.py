@@ -308,6 +308,55 @@ def _held_back(text: str, stops) -> int:
     return best
 
 
+def _byte_level_alphabet() -> dict:
+    """GPT-2's byte-to-character map, inverted: the character a byte-level BPE token uses -> the byte."""
+    byte_ids = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
+        range(ord("®"), ord("ÿ") + 1))
+    chars, extra = list(byte_ids), 0
+    for b in range(256):
+        if b not in byte_ids:
+            byte_ids.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(byte_ids, chars)}
+
+
+def token_bytes(tokenizer, vocab_size: int) -> Optional[list]:
+    """The bytes each token id adds to the decoded text (b"" for ids the decoder drops),
+    for byte-level tokenizers (jaxar's byte tokenizer, byte-level BPE: GPT-2, Llama 3,
+    Qwen, SmolLM); None for others (stop strings are then only cut after generation)."""
+    from jaxar.tokenizer import ByteTokenizer
+
+    if isinstance(tokenizer, ByteTokenizer):
+        return [bytes([i]) if i < 256 else b"" for i in range(vocab_size)]
+    hf = getattr(tokenizer, "hf_tokenizer", None)
+    try:
+        from tokenizers import decoders
+    except ImportError:  # pragma: no cover
+        return None
+    if hf is None or not isinstance(hf.decoder, decoders.ByteLevel):
+        return None
+    alphabet = _byte_level_alphabet()
+    added = hf.get_added_tokens_decoder()
+    out = []
+    for i in range(vocab_size):
+        if i in added:
+            out.append(b"" if added[i].special else added[i].content.encode("utf-8"))
+            continue
+        piece = hf.id_to_token(i) if i < tokenizer.vocab_size else None
+        if piece is None:
+            out.append(b"")  # past the tokenizer's vocabulary: decode drops it
+        elif all(ch in alphabet for ch in piece):
+            out.append(bytes(alphabet[ch] for ch in piece))
+        else:
+            out.append(None)
+    # a check on a sample of ids: the bytes must be what decode gives
+    sample = [i for i in range(0, vocab_size, max(1, vocab_size // 97)) if out[i]][:64]
+    if sample and tokenizer.decode(sample) != b"".join(out[i] for i in sample).decode("utf-8", errors="replace"):
+        return None
+    return out
+
+
 class _Finisher:
     """Completion text of generated ids: EOS ids dropped, cut before the first stop string."""
 
@@ -442,6 +491,14 @@ def _generate_all(args, rows, stdout) -> int:
     order = [(i, k) for i in range(len(ids)) for k in range(n_samples)]
     all_ids = [ids[i] for i, _ in order]
     finisher = _Finisher(tokenizer, eos, args.stop)
+    stop_table = None  # stop strings inside the decode loop, where the tokens' bytes are known
+    if args.stop and draft_kw is None and args.num_beams == 1:
+        from jaxar.decode.loop import stop_string_table
+
+        pieces = token_bytes(tokenizer, config.vocab_size)
+        if pieces is not None:
+            pieces = [b"" if i in eos else p for i, p in enumerate(pieces)]  # EOS ids are dropped from the text
+            stop_table = stop_string_table(args.stop, pieces)
     printer = _StreamPrinter(stdout, finisher) if args.stream else None
     if args.stream and tokenizer is None:
         raise UsageError(f"--stream prints text and needs the model's tokenizer; {args.model} has none")
@@ -482,7 +539,7 @@ def _generate_all(args, rows, stdout) -> int:
                     printer.batch_start, printer.batch_rows = start, len(chunk)
                 res = generate(params, toks, lens, config=config, max_new_tokens=args.max_new_tokens,
                                sampling=sampling, seed=args.seed + start, eos_ids=eos,
-                               on_tokens=None if printer is None else printer.on_tokens)
+                               on_tokens=None if printer is None else printer.on_tokens, stop_table=stop_table)
                 out_tokens, n_tok, reason = res.tokens, res.num_tokens, res.finish_reason
             out_tokens, n_tok, reason = (np.asarray(x) for x in (out_tokens, n_tok, reason))
             if bi == 0:

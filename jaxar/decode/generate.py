@@ -174,7 +174,7 @@ def generate(params, prompts, lengths, *, config: ModelConfig, max_new_tokens: i
              sampling: Sampling = SamplingConfig(temperature=0.0), seed=0, budgets=None,
              eos_ids: Optional[Sequence[int]] = None, pad_id: int = 0, return_logprobs: bool = False,
              cache_len: Optional[int] = None, cfg_scale: Optional[float] = None, uncond_prompts=None,
-             uncond_lengths=None, on_tokens: Optional[Callable] = None) -> GenerateOutput:
+             uncond_lengths=None, on_tokens: Optional[Callable] = None, stop_table=None) -> GenerateOutput:
     """Generate up to `max_new_tokens` per row.
 
     Args:
@@ -199,6 +199,11 @@ def generate(params, prompts, lengths, *, config: ModelConfig, max_new_tokens: i
         grow kept nothing) and `done [batch]`. It is part of the compiled
         program: pass the same function again to reuse it. None (the default):
         no host round trip until every row has stopped.
+      stop_table: stop strings, as the automaton `loop.stop_string_table(stops,
+        token_bytes)` `[S, vocab_size]`: a row stops (FINISH_STOP) at the token
+        that completes a stop string. Traced, and always present (a table that
+        never matches when None), so stop strings reuse the compiled program
+        (up to the power-of-two bucket of states). Cutting the text is the caller's.
 
     Raises ValueError when a learned-position model's context cannot hold a
     row's prompt plus its new tokens.
@@ -224,9 +229,16 @@ def generate(params, prompts, lengths, *, config: ModelConfig, max_new_tokens: i
     if cfg is not None:
         rows_prompts = np.concatenate([rows_prompts, fit_width(up, prompt_width)])
         rows_lengths = np.concatenate([lengths, ul])
+    if stop_table is None:  # a table that never matches: same program with or without stop strings
+        stop_table = np.broadcast_to(np.arange(8, dtype=np.int32)[:, None], (8, config.vocab_size))
+    else:
+        stop_table = np.asarray(stop_table, np.int32)
+        if stop_table.ndim != 2 or stop_table.shape[1] != config.vocab_size:
+            raise ValueError(f"stop_table must be [states, {config.vocab_size}] (loop.stop_string_table over the "
+                             f"model's vocabulary), got shape {stop_table.shape}")
     params = decode_layout(params, config)
     out = _generate(params, rows_prompts, rows_lengths, budgets, jnp.asarray(seed, jnp.uint32), sampling,
-                    eos_array(eos), jnp.asarray(pad_id, jnp.int32), cfg, config=config, width=width,
+                    eos_array(eos), jnp.asarray(pad_id, jnp.int32), cfg, stop_table, config=config, width=width,
                     cache_len=cache_len, return_logprobs=return_logprobs, on_tokens=on_tokens)
     return GenerateOutput(tokens=out.tokens[:, :max_new_tokens], num_tokens=out.num_tokens,
                           finish_reason=out.finish_reason,
@@ -274,8 +286,8 @@ def _stream_after(on_tokens: Callable):
 
 
 @functools.partial(jax.jit, static_argnames=("config", "width", "cache_len", "return_logprobs", "on_tokens"))
-def _generate(params, prompts, lengths, budgets, seed, sampling, eos_ids, pad_id, cfg_scale, *, config, width,
-              cache_len, return_logprobs, on_tokens=None):
+def _generate(params, prompts, lengths, budgets, seed, sampling, eos_ids, pad_id, cfg_scale, stop_table, *, config,
+              width, cache_len, return_logprobs, on_tokens=None):
     rows = prompts.shape[0]
     B = budgets.shape[0]  # rows == 2B with classifier-free guidance
     cache = KVCache.empty(config, rows, cache_len)
@@ -283,7 +295,7 @@ def _generate(params, prompts, lengths, budgets, seed, sampling, eos_ids, pad_id
     step, pick = plain_step(params, config=config, sampling=sampling, seed=seed, cfg_scale=cfg_scale,
                             return_logprobs=return_logprobs)
     state = loop.init_state(prompts[:B], lengths[:B], budgets, eos_ids, width, inner=cache,
-                            record_logprobs=return_logprobs)
+                            record_logprobs=return_logprobs, stop_table=stop_table)
     # The first token comes from the prefill logits; the loop does the rest.
     first = pick(state, logits[:, 0])
     new = loop.emit(state, first)
