@@ -267,3 +267,29 @@ def test_presence_and_frequency_penalties_equal_a_greedy_numpy_resimulation(tmp_
         assert _strip(out.tokens[b], 12) == gen, b
     assert _strip(plain.tokens[3], 12) == _strip(out.tokens[3], 12)
     assert any(_strip(plain.tokens[b], 12) != _strip(out.tokens[b], 12) for b in range(3))  # the penalties bite
+
+
+def test_stop_string_automaton_equals_a_brute_force_search():
+    """loop.stop_string_table: after each token, "matched" exactly when the bytes so far contain
+    a stop string (overlapping stop strings, tokens of several bytes, tokens that add nothing)."""
+    from jaxar.decode.loop import STOP_MATCHED, stop_string_table
+
+    rng = np.random.default_rng(0)
+    pieces = [b"", b"a", b"b", b"c", b"ab", b"ba", b"abc", b"cab", b"bb", b"ca", b"\xc3", b"\xa9"]
+    stops = ["abab", "bca", "cc", "\u00e9"]
+    table = stop_string_table(stops, pieces)
+    assert table.shape[0] % 8 == 0 and (table[STOP_MATCHED] == STOP_MATCHED).all()
+    for _ in range(400):
+        ids = rng.integers(0, len(pieces), size=8)
+        state, got, want = 0, None, None
+        for k, t in enumerate(ids):
+            state = table[state, t]
+            if state == STOP_MATCHED and got is None:
+                got = k
+            text = b"".join(pieces[i] for i in ids[:k + 1])
+            if want is None and any(s.encode() in text for s in stops):
+                want = k
+        assert got == want, ids
+    # unknown token bytes restart the automaton: never a false match across them
+    table = stop_string_table(["ab"], [b"a", None, b"b"])
+    assert table[table[0, 0], 2] == STOP_MATCHED and table[table[table[0, 0], 1], 2] == 0

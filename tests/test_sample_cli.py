@@ -381,3 +381,16 @@ def test_chat_without_a_chat_template_is_a_one_line_error(model_dir, tmp_path, c
     bad.write_text('{"messages": "hello"}\n')
     code, _, err = _run(["--model", model_dir, "--prompts", str(bad)], capsys)
     assert code == 2 and "bad.jsonl:1: \"messages\" must be a non-empty list" in err
+
+
+def test_token_bytes_of_a_byte_level_bpe_are_what_decode_gives(smollm2_hf_dir):
+    from jaxar.decode.cli import token_bytes
+    from jaxar.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(smollm2_hf_dir)
+    pieces = token_bytes(tok, tok.vocab_size)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        ids = [int(i) for i in rng.integers(0, tok.vocab_size, size=12)]
+        assert b"".join(pieces[i] for i in ids).decode("utf-8", errors="replace") == tok.decode(ids)
+    assert pieces[tok.token_to_id("<|im_end|>")] == b""  # special tokens add no text
