@@ -3,10 +3,14 @@
     python train.py --config configs/shakespeare.yaml
     python train.py --config configs/tiny.yaml train.steps=50 model.d_model=64 run_dir=runs/t
     python train.py --config configs/llama-1b.yaml mesh.fsdp=-1 mesh.data=1
+    python train.py --config configs/smollm2-sft.yaml init_from=runs/smollm2-135m lora.rank=8
 
 Overrides are dotted keys (`train.lr=1e-3`, `data.source=corpus.jsonl`) with
-YAML values. Running again with the same run_dir resumes from the latest
-complete checkpoint. Multi-host: pass --coordinator HOST:PORT --num-processes N
+YAML values. `init_from=PATH` starts from a pretrained model (a Hugging Face
+directory, a .gguf file or a jaxar run directory; its architecture and
+tokenizer are used) and `lora.rank=R` fine-tunes low-rank adapters only; the
+merged model is written to run_dir/hf (train.export). Running again with the
+same run_dir resumes from the latest complete checkpoint (not from init_from). Multi-host: pass --coordinator HOST:PORT --num-processes N
 --process-id I (or set JAX_COORDINATOR_ADDRESS, JAXAR_NUM_PROCESSES,
 JAXAR_PROCESS_ID) on every host.
 """
@@ -16,6 +20,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """Warnings as one line each (`train.py: warning: ...`), without the source line."""
+    print(f"train.py: warning: {message}", file=file or sys.stderr)
 
 
 def main(argv=None) -> int:
@@ -30,6 +40,7 @@ def main(argv=None) -> int:
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    warnings.showwarning = _show_warning
 
     from jaxar.config import ConfigError
     from jaxar.train.data import DataError

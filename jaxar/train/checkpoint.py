@@ -2,7 +2,8 @@
 
 Layout under `run_dir/checkpoints/<step>/` (one orbax CheckpointManager step):
 
-    params/      the model parameters (sharded arrays, tensorstore)
+    params/      the model parameters (sharded arrays, tensorstore); with LoRA, the frozen base
+    lora/        LoRA runs only: the adapters (loading merges them into params)
     opt_state/   {"opt_state": optimizer state, "rng": uint32[2]}
     meta/        JSON: step, checksums of every array, process count, time
     config/      JSON: the full run config (model, data, train, mesh, ...)
@@ -13,7 +14,9 @@ written in the background while training goes on. Orbax writes each step into
 a temporary directory and renames it when every item is written, so a crash
 mid-save leaves no step directory; `meta` carries a checksum of every array
 (a wrapping uint32 sum of its bits), so a checkpoint whose files were damaged
-later is detected on restore and skipped for the previous one.
+later is detected on restore and skipped for the previous one, with one
+warning line naming the step, what is wrong and the step used instead
+(`describe_damage` condenses orbax / TensorStore errors to one clause).
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from jaxar.config import ModelConfig
 log = logging.getLogger(__name__)
 
 CHECKPOINTS_DIR = "checkpoints"
-ITEMS = ("params", "opt_state", "meta", "config", "data")
+ITEMS = ("params", "lora", "opt_state", "meta", "config", "data")
 _STEP_DIR = re.compile(r"^\d+$")
 
 
@@ -97,7 +100,33 @@ def verify_checksums(tree, expected: dict, what: str) -> None:
         raise CheckpointError(f"{what}: the arrays restored ({len(got)}) are not those saved ({len(expected)})")
     bad = [p for p in got if got[p] != int(expected[p])]
     if bad:
-        raise CheckpointError(f"{what}: checksum mismatch in {len(bad)} array(s), e.g. {bad[0]!r}")
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise CheckpointError(f"{what}/{bad[0]}{more}: checksum mismatch")
+
+
+_MAX_REASON_CHARS = 200
+
+
+def describe_damage(error: BaseException) -> str:
+    """One line saying what is wrong with a checkpoint, from whatever orbax / TensorStore raised.
+
+    Their messages run over many lines (specs, source locations, nested causes);
+    this keeps the first line, without the `[source locations=...]` and
+    `tensorstore_spec=...` parts, at most _MAX_REASON_CHARS characters.
+    """
+    if isinstance(error, CheckpointError):
+        text = str(error)
+    else:
+        text = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    line = lines[0] if lines else type(error).__name__
+    line = re.sub(r"\s*\[source locations=.*?\]", "", line)
+    line = re.sub(r"\s*\[tensorstore_spec=.*", "", line)
+    line = re.sub(r"\s*tensorstore_spec=.*", "", line)
+    line = re.sub(r"\s+", " ", line).strip()
+    if len(line) > _MAX_REASON_CHARS:
+        line = line[: _MAX_REASON_CHARS - 3].rstrip() + "..."
+    return line
 
 
 # ---------------------------------------------------------------------------
@@ -188,19 +217,45 @@ def _restore_item(step_dir: str, item: str, abstract):
         return ckptr.restore(os.path.join(step_dir, item), abstract)
 
 
+def _lora_config(run: dict):
+    from jaxar.train.lora import LoraConfig
+
+    section = run.get("lora") or {}
+    lora = LoraConfig(**{**section, "targets": tuple(section.get("targets", LoraConfig.targets))})
+    return lora if lora.enabled else None
+
+
 def load_params(step_dir: str, *, verify: bool = True) -> Tuple[ModelConfig, dict]:
-    """(model config, params on the default device) of one step directory; raises CheckpointError."""
+    """(model config, params on the default device) of one step directory, LoRA adapters merged;
+    raises CheckpointError."""
     try:
         run = read_run_config(step_dir)
         config = ModelConfig.from_dict(run["model"])
         meta = read_json_item(step_dir, "meta")
-        params = _restore_item(step_dir, "params", _abstract_params(config))
+        abstract = _abstract_params(config)
+        params = _restore_item(step_dir, "params", abstract)
+        lora = _lora_config(run)
+        adapters = None
+        if lora is not None:
+            from jaxar.train import lora as lora_lib
+
+            abstract_adapters = jax.eval_shape(lambda: lora_lib.init_adapters(lora, abstract, jax.random.PRNGKey(0)))
+            sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            abstract_adapters = jax.tree_util.tree_map(
+                lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), abstract_adapters)
+            adapters = _restore_item(step_dir, "lora", abstract_adapters)
     except CheckpointError:
         raise
     except Exception as e:  # noqa: BLE001 - orbax / tensorstore raise many kinds
-        raise CheckpointError(f"cannot read checkpoint {step_dir}: {type(e).__name__}: {e}") from e
+        raise CheckpointError(describe_damage(e)) from e
     if verify:
-        verify_checksums(params, meta["checksums"]["params"], f"checkpoint {step_dir} (params)")
+        verify_checksums(params, meta["checksums"]["params"], "params")
+        if adapters is not None:
+            verify_checksums(adapters, meta["checksums"]["lora"], "lora")
+    if adapters is not None:
+        from jaxar.train import lora as lora_lib
+
+        params = jax.jit(lora_lib.merge, static_argnums=2)(params, adapters, lora)
     return config, params
 
 
@@ -216,12 +271,18 @@ def load_for_inference(found: str) -> Tuple[ModelConfig, dict]:
     directory = os.path.dirname(os.path.abspath(step_dir))
     first = int(os.path.basename(step_dir.rstrip("/")))
     errors = []
+    damaged = []  # (step, reason) not yet reported
     for step in [first] + [s for s in reversed(list_steps(directory)) if s < first]:
         try:
-            return load_params(os.path.join(directory, str(step)))
+            loaded = load_params(os.path.join(directory, str(step)))
         except CheckpointError as e:
-            warnings.warn(f"skipping damaged checkpoint: {e}", stacklevel=2)
-            errors.append(str(e))
+            damaged.append((step, describe_damage(e)))
+            errors.append(f"step {step}: {describe_damage(e)}")
+            continue
+        for bad, reason in damaged:
+            warnings.warn(f"checkpoint step {bad} in {directory} is damaged ({reason}); loading step {step}",
+                          stacklevel=2)
+        return loaded
     raise CheckpointError(f"no readable checkpoint under {directory}: " + "; ".join(errors))
 
 
@@ -247,6 +308,7 @@ class Restored:
     rng: Any
     data_state: Optional[dict]
     run_config: dict
+    lora: Any = None
 
 
 class RunCheckpointer:
@@ -270,8 +332,11 @@ class RunCheckpointer:
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     # Saving -------------------------------------------------------------
-    def save(self, step: int, *, params, opt_state, rng, data_state: Optional[dict], run_config: dict) -> None:
-        """Start an asynchronous save of `step` (returns once the arrays are on the host)."""
+    def save(self, step: int, *, params, opt_state, rng, data_state: Optional[dict], run_config: dict,
+             lora=None) -> None:
+        """Start an asynchronous save of `step` (returns once the arrays are on the host).
+
+        lora: the adapters of a LoRA run (params is then the frozen base)."""
         import grain
 
         ocp = self._ocp
@@ -284,12 +349,16 @@ class RunCheckpointer:
             "process_count": jax.process_count(),
             "checksums": {"params": tree_checksums(params), "opt_state": tree_checksums(opt_item)},
         }
+        if lora is not None:
+            meta["checksums"]["lora"] = tree_checksums(lora)
         items = dict(
             params=ocp.args.StandardSave(params),
             opt_state=ocp.args.StandardSave(opt_item),
             meta=ocp.args.JsonSave(meta),
             config=ocp.args.JsonSave(run_config),
         )
+        if lora is not None:
+            items["lora"] = ocp.args.StandardSave(lora)
         if data_state is not None:
             items["data"] = grain.checkpoint.CheckpointSave(_IteratorSnapshot(data_state))
         self.manager.save(step, args=ocp.args.Composite(**items), force=True)
@@ -311,35 +380,60 @@ class RunCheckpointer:
                 continue
         return None
 
-    def restore_latest(self, abstract_params, abstract_opt_item) -> Optional[Restored]:
-        """The newest checkpoint that restores and verifies; damaged ones are warned about and set aside.
+    def restore_latest(self, abstract_params, abstract_opt_item, abstract_lora=None) -> Optional[Restored]:
+        """The newest checkpoint that restores and verifies; damaged ones are set aside (kept on disk)
+        and reported in one warning line each: "checkpoint step 40 in DIR is damaged (params/...:
+        checksum mismatch); moved to damaged-40-<time>; resuming from step 30".
 
-        abstract_*: trees of jax.ShapeDtypeStruct with the target shardings.
+        abstract_*: trees of jax.ShapeDtypeStruct with the target shardings (abstract_lora: LoRA runs).
         """
         ocp = self._ocp
+        damaged = []  # (step, reason, where it was moved)
+        found = None
         for step in reversed(list_steps(self.directory)):
             step_dir = os.path.join(self.directory, str(step))
             try:
                 meta = read_json_item(step_dir, "meta")
                 run_config = read_run_config(step_dir)
-                restored = self.manager.restore(step, args=ocp.args.Composite(
-                    params=ocp.args.StandardRestore(abstract_params),
-                    opt_state=ocp.args.StandardRestore(abstract_opt_item),
-                ))
+                items = dict(params=ocp.args.StandardRestore(abstract_params),
+                             opt_state=ocp.args.StandardRestore(abstract_opt_item))
+                if abstract_lora is not None:
+                    items["lora"] = ocp.args.StandardRestore(abstract_lora)
+                try:
+                    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+                except Exception as e:  # noqa: BLE001 - name the item that does not read
+                    raise CheckpointError(self._unreadable_item(step, items, e)) from e
                 params, opt_item = restored["params"], restored["opt_state"]
-                verify_checksums(params, meta["checksums"]["params"], f"checkpoint step {step} (params)")
-                verify_checksums(opt_item, meta["checksums"]["opt_state"], f"checkpoint step {step} (optimizer)")
+                verify_checksums(params, meta["checksums"]["params"], "params")
+                adapters = None
+                if abstract_lora is not None:
+                    adapters = restored["lora"]
+                    verify_checksums(adapters, meta["checksums"]["lora"], "lora")
+                verify_checksums(opt_item, meta["checksums"]["opt_state"], "opt_state")
                 data_state = self._read_data_state(step_dir, meta)
-            except Exception as e:  # noqa: BLE001
-                msg = f"checkpoint at step {step} in {self.directory} is damaged or incomplete ({e}); " \
-                      "trying the previous one"
-                warnings.warn(msg, stacklevel=2)
-                log.warning(msg)
-                self._set_aside(step_dir)
+            except Exception as e:  # noqa: BLE001 - orbax / tensorstore raise many kinds
+                reason = describe_damage(e)
+                log.debug("checkpoint step %s is damaged", step, exc_info=True)  # the full error, for debugging
+                damaged.append((step, reason, self._set_aside(step_dir)))
                 continue
-            return Restored(step=int(step), params=params, opt_state=opt_item["opt_state"], rng=opt_item["rng"],
-                            data_state=data_state, run_config=run_config)
-        return None
+            found = Restored(step=int(step), params=params, opt_state=opt_item["opt_state"], rng=opt_item["rng"],
+                             data_state=data_state, run_config=run_config, lora=adapters)
+            break
+        then = f"resuming from step {found.step}" if found is not None else "starting from scratch"
+        for step, reason, moved in damaged:
+            where = f"moved to {os.path.basename(moved)}; " if moved else ""
+            warnings.warn(f"checkpoint step {step} in {self.directory} is damaged ({reason}); {where}{then}",
+                          stacklevel=2)
+        return found
+
+    def _unreadable_item(self, step: int, items: dict, error: BaseException) -> str:
+        """"<item>: <what went wrong>" for the first item of a failed restore that fails on its own."""
+        for name, arg in items.items():
+            try:
+                self.manager.restore(step, args=self._ocp.args.Composite(**{name: arg}))
+            except Exception as e:  # noqa: BLE001
+                return f"{name}: {describe_damage(e)}"
+        return describe_damage(error)
 
     def _read_data_state(self, step_dir: str, meta: dict) -> Optional[dict]:
         folder = os.path.join(step_dir, "data")
@@ -359,20 +453,23 @@ class RunCheckpointer:
         except ValueError as e:
             raise CheckpointError(f"{name}: not valid JSON ({e})") from None
 
-    def _set_aside(self, step_dir: str) -> None:
-        """Move a damaged step out of orbax's sight (kept, never deleted) so the step can be saved again."""
+    def _set_aside(self, step_dir: str) -> Optional[str]:
+        """Move a damaged step out of orbax's sight (kept, never deleted) so the step can be saved again.
+        Returns where it went (None: not moved, or not by this process)."""
         from jax.experimental import multihost_utils
 
+        target = os.path.join(self.directory, f"damaged-{os.path.basename(step_dir)}-{int(time.time())}")
+        moved = None
         if jax.process_index() == 0:
-            target = os.path.join(self.directory, f"damaged-{os.path.basename(step_dir)}-{int(time.time())}")
             try:
                 os.replace(step_dir, target)
-                log.warning("moved damaged checkpoint %s to %s", step_dir, target)
+                moved = target
             except OSError as e:
-                log.warning("could not move damaged checkpoint %s aside: %s", step_dir, e)
+                log.warning("could not move damaged checkpoint %s aside: %s", step_dir, describe_damage(e))
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices(f"jaxar_set_aside_{os.path.basename(step_dir)}")
         self.manager.reload()
+        return moved
 
 
 def remove_run_outputs(run_dir: str, names=(CHECKPOINTS_DIR, "metrics.jsonl", "tb", "loss.png", "run_config.json")
@@ -391,6 +488,7 @@ def remove_run_outputs(run_dir: str, names=(CHECKPOINTS_DIR, "metrics.jsonl", "t
 __all__ = [
     "CheckpointError",
     "RunCheckpointer",
+    "describe_damage",
     "find_checkpoint",
     "is_complete",
     "list_steps",

@@ -2,10 +2,18 @@
 
     run_dir: runs/shakespeare
     seed: 0
+    init_from: null                               # pretrained start: HF dir, .gguf file or jaxar run dir
     model:   {family: llama, d_model: 192, ...}   # ModelConfig fields; family picks the preset defaults
     data:    {source: shakespeare, ...}           # DataConfig fields (jaxar.train.data)
     train:   {steps: 2000, batch_size: 32, ...}   # TrainConfig fields
     mesh:    {data: -1, fsdp: 1, tensor: 1}       # MeshConfig fields
+    lora:    {rank: 8, alpha: 16, targets: [q_proj, v_proj]}  # LoraConfig fields (rank 0: off)
+
+init_from: the model section comes from the checkpoint (its config); the YAML's
+model section may only restate it or change what keeps the parameters the same
+(COMPATIBLE_MODEL_KEYS: dtypes, remat, scan_layers, attention backend, a longer
+max_seq_len for RoPE models). data.tokenizer defaults to the checkpoint's own
+tokenizer. A run_dir that already has checkpoints resumes from them instead.
 
     config = load_run_config("configs/tiny.yaml", ["train.steps=50", "model.d_model=64"])
 
@@ -27,9 +35,15 @@ import yaml
 
 from jaxar.config import ConfigError, ModelConfig
 from jaxar.train.data import DataConfig, DataError
+from jaxar.train.lora import LoraConfig
 
-SECTIONS = ("model", "data", "train", "mesh")
-TOP_LEVEL = ("run_dir", "seed") + SECTIONS
+SECTIONS = ("model", "data", "train", "mesh", "lora")
+TOP_LEVEL = ("run_dir", "seed", "init_from") + SECTIONS
+
+# Model keys a config may set differently from its init_from checkpoint: they change how the
+# parameters are computed or stored, not which parameters there are.
+COMPATIBLE_MODEL_KEYS = ("dtype", "param_dtype", "remat", "scan_layers", "attention_backend", "kv_cache_dtype",
+                         "max_seq_len")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +76,9 @@ class TrainConfig:
     eval_batches: int = 20
     log_every: int = 10
     progress_bar: bool = True
+    # Hugging Face directory written at the end of training (save_pretrained, LoRA merged; relative
+    # paths are under run_dir). None: "hf" when init_from or LoRA is set, else none; "": never.
+    export: Optional[str] = None
 
     def validate(self) -> None:
         _need(self.steps >= 1, "train.steps", self.steps, "must be >= 1")
@@ -109,9 +126,11 @@ class RunConfig:
     data: DataConfig
     train: TrainConfig
     mesh: MeshConfig
+    init_from: Optional[str] = None
+    lora: LoraConfig = LoraConfig()
 
     def to_dict(self) -> dict:
-        return {
+        d = {
             "run_dir": self.run_dir,
             "seed": self.seed,
             "model": self.model.to_dict(),
@@ -119,6 +138,22 @@ class RunConfig:
             "train": dataclasses.asdict(self.train),
             "mesh": self.mesh.as_dict(),
         }
+        # Only when set, so that the configs of runs without them read as before.
+        if self.init_from is not None:
+            d["init_from"] = self.init_from
+        if self.lora.enabled:
+            d["lora"] = self.lora.to_dict()
+        return d
+
+    @property
+    def export_dir(self) -> Optional[str]:
+        """Where the end of training writes the Hugging Face directory (None: nowhere)."""
+        export = self.train.export
+        if export is None:
+            export = "hf" if (self.init_from is not None or self.lora.enabled) else ""
+        if not export:
+            return None
+        return os.path.join(self.run_dir, os.path.expanduser(export))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -149,12 +184,13 @@ def _known_keys() -> dict[str, Sequence[str]]:
         "data": [f.name for f in dataclasses.fields(DataConfig)],
         "train": [f.name for f in dataclasses.fields(TrainConfig)],
         "mesh": [f.name for f in dataclasses.fields(MeshConfig)],
+        "lora": [f.name for f in dataclasses.fields(LoraConfig)],
     }
 
 
 def all_keys() -> list[str]:
     """Every dotted key a config accepts."""
-    keys = ["run_dir", "seed"]
+    keys = ["run_dir", "seed", "init_from"]
     for section, names in _known_keys().items():
         keys += [f"{section}.{n}" for n in names]
     return keys
@@ -313,8 +349,19 @@ def build_run_config(raw: dict, *, tokenizer=None) -> RunConfig:
     if not isinstance(run_dir, str) or not run_dir:
         raise ConfigError(f"run_dir={run_dir!r} must be a non-empty path")
     seed = _coerce("seed", raw.get("seed", 0), int)
+    init_from = raw.get("init_from")
+    if init_from is not None:
+        if not isinstance(init_from, str) or not init_from:
+            raise ConfigError(f"init_from={init_from!r} must be a path (a Hugging Face directory, a .gguf file "
+                              "or a jaxar run directory)")
+        init_from = os.path.expanduser(init_from)
+    lora = LoraConfig(**_coerce_section("lora", dict(raw.get("lora") or {}), LoraConfig))
+    lora.validate()
 
-    data_values = _coerce_section("data", dict(raw.get("data") or {}), DataConfig)
+    data_raw = dict(raw.get("data") or {})
+    if init_from is not None and data_raw.get("tokenizer") is None:
+        data_raw["tokenizer"] = init_from  # the checkpoint's own tokenizer
+    data_values = _coerce_section("data", data_raw, DataConfig)
     try:
         data = DataConfig(**data_values)
     except DataError as e:
@@ -327,6 +374,18 @@ def build_run_config(raw: dict, *, tokenizer=None) -> RunConfig:
     mesh.validate()
 
     model_values = dict(raw.get("model") or {})
+    if init_from is not None:
+        model = model_from_checkpoint(init_from, model_values)
+        if tokenizer is None:
+            tokenizer = _load_tokenizer(data.tokenizer)
+        if model.vocab_size < tokenizer.vocab_size:
+            raise ConfigError(f"the init_from model's vocabulary ({model.vocab_size} ids) is smaller than the "
+                              f"tokenizer's ({tokenizer.vocab_size} ids, data.tokenizer={data.tokenizer!r})")
+        if train.seq_len > model.max_seq_len:
+            raise ConfigError(f"train.seq_len={train.seq_len} exceeds the init_from model's max_seq_len="
+                              f"{model.max_seq_len}; lower train.seq_len")
+        return RunConfig(run_dir=run_dir, seed=seed, model=model, data=data, train=train, mesh=mesh,
+                         init_from=init_from, lora=lora)
     needs_tokenizer = model_values.get("vocab_size") is None or model_values.get("eos_token_id") is None
     vocab_size = eos = None
     if needs_tokenizer:
@@ -346,7 +405,80 @@ def build_run_config(raw: dict, *, tokenizer=None) -> RunConfig:
         raise ConfigError(f"train.seq_len={train.seq_len} exceeds model.max_seq_len={model.max_seq_len}")
     if train.seq_len > model.max_seq_len:
         model = model.replace(max_seq_len=train.seq_len)
-    return RunConfig(run_dir=run_dir, seed=seed, model=model, data=data, train=train, mesh=mesh)
+    return RunConfig(run_dir=run_dir, seed=seed, model=model, data=data, train=train, mesh=mesh, lora=lora)
+
+
+def _load_tokenizer(name: str):
+    from jaxar.tokenizer import load_tokenizer
+
+    try:
+        return load_tokenizer(name)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"data.tokenizer={name!r}: {e}") from None
+
+
+def checkpoint_model_config(path: str) -> ModelConfig:
+    """The ModelConfig of a pretrained checkpoint without reading its weights (a GGUF file: its
+    metadata): a Hugging Face directory, a .gguf file (or a directory holding one) or a jaxar run dir."""
+    from jaxar.convert import gguf, hf
+
+    try:
+        gguf_file = gguf.find_gguf(path)
+    except ValueError as e:
+        raise ConfigError(f"init_from={path!r}: {e}") from None
+    if gguf_file is not None:
+        try:
+            return hf.config_from_hf(gguf.hf_config_from_gguf(gguf.read_gguf(gguf_file)), source=gguf_file)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"init_from={path!r}: {e}") from None
+    if os.path.isfile(os.path.join(path, "config.json")):
+        jaxar_cfg = os.path.join(path, "jaxar_config.json")
+        try:
+            if os.path.isfile(jaxar_cfg):  # written by save_pretrained
+                with open(jaxar_cfg) as f:
+                    return ModelConfig.from_dict(json.load(f))
+            with open(os.path.join(path, "config.json")) as f:
+                return hf.config_from_hf(json.load(f), source=os.path.join(path, "config.json"))
+        except ValueError as e:
+            raise ConfigError(f"init_from={path!r}: {e}") from None
+    from jaxar.train import checkpoint as ckpt
+
+    found = ckpt.find_checkpoint(path) if os.path.isdir(path) else None
+    if found is None:
+        raise ConfigError(f"init_from={path!r} is not a Hugging Face directory (config.json), a .gguf file or a "
+                          "jaxar run directory with a complete checkpoint")
+    return ModelConfig.from_dict(ckpt.read_run_config(found)["model"])
+
+
+def model_from_checkpoint(path: str, model_values: dict) -> ModelConfig:
+    """The init_from checkpoint's ModelConfig with the model section's compatible changes applied;
+    a key that would change the architecture is an error naming it."""
+    base = checkpoint_model_config(path)
+    values = {k: v for k, v in model_values.items() if v is not None}
+    family = values.pop("family", None)
+    if family is not None and family != base.family and not {family, base.family} <= {"llama", "mistral"}:
+        raise ConfigError(f"model.family={family!r} conflicts with the init_from checkpoint ({base.family!r}); "
+                          "remove it from the model section (the architecture comes from init_from)")
+    values = _coerce_section("model", values, ModelConfig)
+    current = base.to_dict()
+    changes = {}
+    for k, v in values.items():
+        have = current[k]
+        same = (list(v) if isinstance(v, (list, tuple)) else v) == have or (k == "eos_token_id" and (
+            [v] if isinstance(v, int) else list(v)) == have)
+        if same:
+            continue
+        if k not in COMPATIBLE_MODEL_KEYS:
+            raise ConfigError(f"model.{k}={v!r} conflicts with the init_from checkpoint's {k}={have!r}; remove it "
+                              f"from the model section (only {', '.join(COMPATIBLE_MODEL_KEYS)} may change)")
+        if k == "max_seq_len" and (base.position == "learned" or v < base.max_seq_len):
+            raise ConfigError(f"model.max_seq_len={v!r}: the init_from checkpoint has max_seq_len="
+                              f"{base.max_seq_len} and {base.position} positions; it can only grow with RoPE")
+        changes[k] = v
+    try:
+        return base.replace(**changes) if changes else base
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"model: {e}") from None
 
 
 def load_yaml(path: str) -> dict:
@@ -372,6 +504,7 @@ def load_run_config(path: Optional[str], overrides: Sequence[str] = (), *, token
 
 
 __all__ = [
+    "COMPATIBLE_MODEL_KEYS",
     "MeshConfig",
     "RunConfig",
     "TrainConfig",
@@ -379,6 +512,8 @@ __all__ = [
     "apply_overrides",
     "build_model_config",
     "build_run_config",
+    "checkpoint_model_config",
     "load_run_config",
+    "model_from_checkpoint",
     "parse_override",
 ]

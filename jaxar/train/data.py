@@ -2,15 +2,21 @@
 
 Pipeline (training)::
 
-    documents (strings)
+    documents (strings, or conversations from chat JSONL)
       -> pieces: documents longer than PIECE_CHARS are cut at line breaks into
-         pieces of at most that many characters (shard and shuffle granularity)
+         pieces of at most that many characters (shard and shuffle granularity);
+         a conversation is one piece
       -> this host's shard of the pieces (pieces[process_index::process_count])
       -> shuffle the pieces by seed, a new order every epoch, repeat forever
+         (EpochShuffleMapDataset, hand-written: see its docstring)
       -> tokenize: [bos] (first piece of a document only, when the tokenizer has
-         a bos distinct from eos) + encode(piece) + [eos] (last piece only)
-      -> pack into rows of seq_len (input, target) pairs
-      -> shuffle rows in windows of `shuffle_window` rows
+         a bos distinct from eos) + encode(piece) + [eos] (last piece only);
+         a conversation: its chat-template render, with a per-token mask of
+         the assistant tokens (`chat_segments`)
+      -> pack into rows of seq_len (input, target) pairs (grain's
+         ConcatThenSplitIterDataset, `pack_rows`)
+      -> shuffle rows in windows of `shuffle_window` rows (grain's
+         WindowShuffleIterDataset)
       -> batch (global_batch_size // process_count rows)
 
 Batch format: a dict of int32 numpy arrays, each [batch, seq_len]:
@@ -19,8 +25,10 @@ Batch format: a dict of int32 numpy arrays, each [batch, seq_len]:
 * `targets`: the id that follows `tokens` in the same document;
 * `segment_ids`: 1, 2, 3, ... for the document chunks of a row, 0 = padding;
 * `positions`: position within the chunk, starting at 0 at every chunk;
-* `loss_mask`: 1 where `targets` is a real next token (everywhere a segment
-  is, the final eos included), 0 on padding.
+* `loss_mask`: 1 where `targets` carries loss: for text, every real next
+  token (the final eos included); for a conversation, the assistant tokens
+  only (each assistant message's content and its end-of-turn token); 0 on
+  padding. The trainer's loss is the mean over loss_mask.
 
 Packing: a tokenized piece t of length L gives the L - 1 pairs
 (t[i], t[i + 1]). Pairs fill rows in order. When a piece does not fit in what
@@ -36,7 +44,7 @@ input; its first token is never a target (there is no bos before it unless
 the tokenizer has one). Cutting a document into pieces loses the one pair
 that crosses each cut.
 
-Shuffling uses numpy permutations seeded from `seed`: the pieces (a new
+Shuffling is seeded from `seed`: the pieces (a numpy permutation, a new
 order every epoch) and the rows (windows of `shuffle_window` rows; memory:
 window * seq_len * 20 bytes). With num_workers > 0 each grain worker process
 runs this on its slice of the pieces and batches are interleaved.
@@ -65,6 +73,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import grain
+import grain.experimental as gex
 import numpy as np
 
 from jaxar.tokenizer import Tokenizer, load_tokenizer
@@ -105,7 +114,9 @@ class DataConfig:
 
     source: "shakespeare" (bundled), "python_stdlib" (this interpreter's
         standard library), a text file (one document), a `.jsonl` file (one
-        document per line, in `text_field`), a directory (every non-hidden,
+        document per line, in `text_field`; or a conversation, a list of
+        {"role", "content"} messages in `messages_field`, rendered with the
+        tokenizer's chat template, loss on the assistant tokens only), a directory (every non-hidden,
         non-binary file under it, recursively, one document each) or a glob
         (e.g. "corpus/**/*.txt"). `.gz`, `.xz` and `.bz2` files are
         decompressed. A list of sources mixes them (documents in proportion
@@ -125,6 +136,7 @@ class DataConfig:
 
     source: Union[str, tuple[str, ...]] = "shakespeare"
     text_field: str = "text"
+    messages_field: str = "messages"
     tokenizer: str = "byte"
     val_fraction: float = 0.05
     shuffle: bool = True
@@ -146,8 +158,10 @@ class DataConfig:
             object.__setattr__(self, "tokenizer", os.fspath(self.tokenizer))
         if self.tokenizer is not None and not isinstance(self.tokenizer, str):
             raise DataError(f"tokenizer must be 'byte' or a tokenizer directory, got {self.tokenizer!r}")
-        if not isinstance(self.text_field, str) or not self.text_field:
-            raise DataError(f"text_field must be a non-empty string, got {self.text_field!r}")
+        for name in ("text_field", "messages_field"):
+            v = getattr(self, name)
+            if not isinstance(v, str) or not v:
+                raise DataError(f"{name} must be a non-empty string, got {v!r}")
         if isinstance(self.val_fraction, bool) or not isinstance(self.val_fraction, (int, float)):
             raise DataError(f"val_fraction must be a number, got {self.val_fraction!r}")
         if not 0.0 <= float(self.val_fraction) < 1.0:
@@ -224,7 +238,19 @@ def _is_jsonl(path: Path) -> bool:
     return name.endswith(".jsonl")
 
 
-def _read_jsonl(path: Path, text_field: str) -> list[str]:
+def _read_messages(value, where: str) -> "Chat":
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{where}: messages must be a non-empty list of {{\"role\", \"content\"}} objects")
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise DataError(f"{where}: message {i} must be an object with string \"role\" and \"content\", "
+                            f"got {json.dumps(m)[:80]}")
+    if not any(m["role"] == "assistant" for m in value):
+        raise DataError(f"{where}: the conversation has no assistant message, so nothing to learn from")
+    return Chat(value)
+
+
+def _read_jsonl(path: Path, text_field: str, messages_field: str = "messages") -> list:
     docs = []
     text = _decode(_read_bytes(path))
     # split("\n"), not splitlines(): JSON strings may hold U+2028 and other line separators.
@@ -237,9 +263,13 @@ def _read_jsonl(path: Path, text_field: str) -> list[str]:
             raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(record, dict):
             raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+        if text_field not in record and messages_field in record:
+            docs.append(_read_messages(record[messages_field], f"{path}:{lineno}"))
+            continue
         if text_field not in record:
             fields = ", ".join(repr(k) for k in list(record)[:10])
-            raise DataError(f"{path}:{lineno}: no field {text_field!r} (the record has: {fields})")
+            raise DataError(f"{path}:{lineno}: no field {text_field!r} or {messages_field!r} "
+                            f"(the record has: {fields})")
         value = record[text_field]
         if not isinstance(value, str):
             raise DataError(
@@ -249,9 +279,9 @@ def _read_jsonl(path: Path, text_field: str) -> list[str]:
     return docs
 
 
-def _read_file(path: Path, text_field: str) -> list[str]:
+def _read_file(path: Path, text_field: str, messages_field: str = "messages") -> list:
     if _is_jsonl(path):
-        return _read_jsonl(path, text_field)
+        return _read_jsonl(path, text_field, messages_field)
     return [_decode(_read_bytes(path))]
 
 
@@ -343,19 +373,19 @@ def _load_one(source: str, config: DataConfig) -> list[str]:
     else:
         path = Path(source).expanduser()
         if path.is_file():
-            docs = _read_file(path, config.text_field)
+            docs = _read_file(path, config.text_field, config.messages_field)
         elif path.is_dir():
             files = [p for p in _walk_files(path) if _is_jsonl(p) or not _looks_binary(p)]
             if not files:
                 raise DataError(f"data source directory {str(path)!r} holds no text files")
-            docs = [d for p in files for d in _read_file(p, config.text_field)]
+            docs = [d for p in files for d in _read_file(p, config.text_field, config.messages_field)]
         elif _has_glob(source):
             files = sorted(
                 Path(p) for p in _glob.glob(os.path.expanduser(source), recursive=True) if os.path.isfile(p)
             )
             if not files:
                 raise DataFileNotFoundError(f"data source glob {source!r} matches no files")
-            docs = [d for p in files for d in _read_file(p, config.text_field)]
+            docs = [d for p in files for d in _read_file(p, config.text_field, config.messages_field)]
         else:
             raise DataFileNotFoundError(
                 f"data source {source!r}: no such file or directory (expected one of "
@@ -379,6 +409,9 @@ def split_documents(docs: Sequence[str], val_fraction: float) -> tuple[list[str]
     docs = list(docs)
     if val_fraction <= 0 or not docs:
         return docs, []
+    if len(docs) == 1 and isinstance(docs[0], Chat):
+        raise DataError(f"cannot hold out val_fraction={val_fraction} of a single conversation; "
+                        "use more conversations or val_fraction=0")
     if len(docs) == 1:
         text = docs[0]
         k = int(round(len(text) * val_fraction))
@@ -416,6 +449,9 @@ def make_pieces(docs: Sequence[str], max_chars: int = PIECE_CHARS) -> list[tuple
     """(text, is_document_start, is_document_end) for every piece of every document."""
     pieces = []
     for doc in docs:
+        if isinstance(doc, Chat):  # a conversation is never cut (its rows split it if it is long)
+            pieces.append((doc, True, True))
+            continue
         parts = _split_text(doc, max_chars)
         for i, part in enumerate(parts):
             pieces.append((part, i == 0, i == len(parts) - 1))
@@ -427,11 +463,12 @@ def corpus_stats(config: DataConfig) -> dict:
     groups = load_source_documents(config)
     docs = [d for g in groups for d in g]
     train, val = train_val_documents(config)
+    texts = [d if isinstance(d, str) else "".join(m["content"] for m in d) for d in docs]
     return {
         "source": config.to_dict()["source"],
         "num_documents": len(docs),
-        "num_chars": sum(len(d) for d in docs),
-        "num_bytes": sum(len(d.encode("utf-8")) for d in docs),
+        "num_chars": sum(len(t) for t in texts),
+        "num_bytes": sum(len(t.encode("utf-8")) for t in texts),
         "num_train_documents": len(train),
         "num_val_documents": len(val),
         "num_train_pieces": len(make_pieces(train)),
@@ -442,23 +479,147 @@ def corpus_stats(config: DataConfig) -> dict:
 # Tokenizing and packing
 
 
-class _TokenizePiece:
-    """(text, first, last) -> int32 ids: [bos] + encode(text) + [eos]."""
+class Chat(tuple):
+    """A conversation document: a tuple of {"role", "content"} messages (from a chat JSONL record)."""
 
-    def __init__(self, tokenizer: Tokenizer):
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return f"Chat({list(self)!r})"
+
+
+def chat_segments(render, messages: Sequence[dict], end_of_turn: Sequence[str] = ()) -> list[tuple[str, bool]]:
+    """The rendered conversation as [(text, is_assistant)], in order, concatenating to the whole render.
+
+    render(messages, add_generation_prompt) -> str is the model's chat
+    template (`jaxar.chat.ChatTemplate.render`). The conversation is rendered
+    prefix by prefix: an assistant message's span is what its turn adds
+    after the assistant header (the render with add_generation_prompt=True),
+    up to and including the first end-of-turn text in it (`end_of_turn`,
+    e.g. "<|im_end|>"); what follows that (a newline) is not assistant text.
+    A template whose renders of longer prefixes do not extend the shorter
+    ones cannot be split this way and raises DataError.
+    """
+    segments: list[tuple[str, bool]] = []
+    prev = ""
+
+    def extend(text: str, what: str) -> str:
+        if not text.startswith(prev):
+            raise DataError(f"the chat template's render of {what} does not extend the render of the messages "
+                            "before it; cannot find the assistant tokens of this conversation")
+        return text[len(prev):]
+
+    for i, message in enumerate(messages):
+        if message.get("role") == "assistant":
+            head = render(messages[:i], True)
+            segments.append((extend(head, f"the assistant header of message {i}"), False))
+            prev = head
+            full = render(messages[: i + 1], False)
+            body = extend(full, f"message {i}")
+            cuts = [body.find(t) + len(t) for t in end_of_turn if t and body.find(t) >= 0]
+            cut = min(cuts) if cuts else len(body)
+            segments.append((body[:cut], True))
+            segments.append((body[cut:], False))
+        else:
+            full = render(messages[: i + 1], False)
+            segments.append((extend(full, f"message {i}"), False))
+        prev = full
+    return [(t, a) for t, a in segments if t]
+
+
+class _TokenizePiece:
+    """(text, first, last) -> {"ids", "targets_mask"}: [bos] + encode(text) + [eos], mask all ones.
+
+    A Chat piece is rendered with the chat template of `chat_dir` (loaded on
+    first use) and encoded segment by segment; targets_mask is 1 exactly on
+    the assistant tokens (content and end-of-turn token), which are the only
+    targets that carry loss. No bos / eos is added: the template writes the
+    special tokens it wants (as transformers' apply_chat_template does).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, chat_dir: Optional[str] = None):
         self.tokenizer = tokenizer
         bos, eos = tokenizer.bos_id, tokenizer.eos_id
         self.bos = bos if bos is not None and bos != eos else None
         self.eos = eos
+        self.chat_dir = chat_dir
+        self._chat = None  # (render, end-of-turn texts), built on first use (templates do not pickle)
 
-    def __call__(self, piece) -> np.ndarray:
+    def __getstate__(self):
+        return {**self.__dict__, "_chat": None}
+
+    def _chat_renderer(self):
+        if self._chat is None:
+            try:
+                from jaxar import chat
+            except ImportError as e:  # pragma: no cover - jaxar.chat ships with jaxar
+                raise DataError(f"chat documents need jaxar.chat ({e})") from None
+            where = self.chat_dir if self.chat_dir and os.path.isdir(str(self.chat_dir)) else None
+            template = chat.load_chat_template(where, self.tokenizer)
+            if template is None:
+                raise DataError(f"the data holds chat messages but the tokenizer {self.chat_dir!r} has no chat "
+                                "template (chat_template.jinja or tokenizer_config.json's chat_template)")
+            eot = [t for t in chat.END_OF_TURN_TOKENS]
+            id_to_token = getattr(self.tokenizer, "id_to_token", None)
+            if callable(id_to_token) and self.eos is not None:
+                text = id_to_token(self.eos)
+                if text:
+                    eot.append(text)
+            self._chat = (lambda msgs, gen: template.render(msgs, add_generation_prompt=gen), tuple(eot))
+        return self._chat
+
+    def __call__(self, piece) -> dict:
         text, first, last = piece
+        if isinstance(text, Chat):
+            render, eot = self._chat_renderer()
+            ids, mask = [], []
+            for segment, is_assistant in chat_segments(render, list(text), eot):
+                seg_ids = self.tokenizer.encode(segment)
+                ids += seg_ids
+                mask += [int(is_assistant)] * len(seg_ids)
+            return {"ids": np.asarray(ids, np.int32), "targets_mask": np.asarray(mask, np.int32)}
         ids = self.tokenizer.encode_array(text).astype(np.int32, copy=False)
         head = [self.bos] if (first and self.bos is not None) else []
         tail = [self.eos] if (last and self.eos is not None) else []
         if head or tail:
             ids = np.concatenate([np.asarray(head, np.int32), ids, np.asarray(tail, np.int32)])
-        return ids
+        return {"ids": ids, "targets_mask": np.ones(len(ids), np.int32)}
+
+
+def _as_piece(element) -> dict:
+    """A tokenized piece as {"ids", "targets_mask"} (a bare id array: every target carries loss)."""
+    if isinstance(element, dict):
+        return element
+    ids = np.asarray(element, np.int32)
+    return {"ids": ids, "targets_mask": np.ones(len(ids), np.int32)}
+
+
+def _has_pairs(element) -> bool:
+    return len(_as_piece(element)["ids"]) >= 2
+
+
+def _pairs(element) -> dict:
+    """A tokenized piece -> its (input, target) pairs: tokens, targets, loss_mask (each [L - 1])."""
+    piece = _as_piece(element)
+    ids = np.asarray(piece["ids"], np.int32)
+    return {"tokens": ids[:-1], "targets": ids[1:],
+            "loss_mask": np.asarray(piece["targets_mask"], np.int32)[1:]}
+
+
+class _RowFromPacked:
+    """grain's packed features -> the batch row format (BATCH_KEYS); padding gets pad_id and no loss."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, packed: dict) -> dict:
+        seg = np.asarray(packed["tokens_segment_ids"], np.int32)
+        pad = seg == 0
+        tokens = np.where(pad, self.pad_id, packed["tokens"]).astype(np.int32)
+        targets = np.where(pad, self.pad_id, packed["targets"]).astype(np.int32)
+        return {"tokens": tokens, "targets": targets, "segment_ids": seg,
+                "positions": np.asarray(packed["tokens_positions"], np.int32),
+                "loss_mask": np.where(pad, 0, packed["loss_mask"]).astype(np.int32)}
 
 
 def _empty_row(seq_len: int, pad_id: int) -> dict:
@@ -468,110 +629,67 @@ def _empty_row(seq_len: int, pad_id: int) -> dict:
     return row
 
 
-def _pack_row(seq_len: int, pad_id: int, chunks) -> dict:
-    """A row from [(ids, offset, n_pairs)]: pairs ids[offset + i] -> ids[offset + i + 1]."""
-    row = _empty_row(seq_len, pad_id)
-    fill = 0
-    for seg, (ids, off, n) in enumerate(chunks, start=1):
-        row["tokens"][fill : fill + n] = ids[off : off + n]
-        row["targets"][fill : fill + n] = ids[off + 1 : off + n + 1]
-        row["segment_ids"][fill : fill + n] = seg
-        row["positions"][fill : fill + n] = np.arange(n, dtype=np.int32)
-        row["loss_mask"][fill : fill + n] = 1
-        fill += n
-    return row
+def pack_rows(parent, seq_len: int, *, pad_id: int = 0):
+    """Rows of `seq_len` (input, target) pairs from an IterDataset of tokenized pieces (grain).
 
-
-class _PackIterator(grain.DatasetIterator):
-    """Packs token-id arrays from the parent into rows (see the module docstring).
-
-    State: the parent's state from before the piece that the next row starts
-    in the middle of, and how many of that piece's pairs were already used.
+    Elements: 1-D id arrays, or {"ids", "targets_mask"} dicts (targets_mask[j]
+    = 1 when token j carries loss as a target). Packing is grain's
+    `ConcatThenSplitIterDataset` on each piece's pairs (tokens, targets,
+    loss_mask): pieces fill rows in order, a piece that does not fit is split
+    and goes on in the next row as a new segment whose positions restart at
+    0, segment ids restart at 1 in every row, and a finite stream ends with
+    one padded row. Its get_state / set_state restore the position exactly
+    (mid-piece included). One difference from a plain concatenation: a piece
+    of exactly seq_len pairs that arrives while a row is partly filled is
+    emitted first (grain passes full rows through); no pair is lost or repeated.
     """
+    if seq_len < 1:
+        raise DataError(f"seq_len must be >= 1, got {seq_len}")
+    import grain.experimental as gex
 
-    def __init__(self, parent, seq_len: int, pad_id: int, pad_last: bool):
-        super().__init__(parent)
-        self._seq_len = seq_len
-        self._pad_id = pad_id
-        self._pad_last = pad_last
-        self._cur: Optional[np.ndarray] = None  # the piece being packed
-        self._off = 0  # pairs of it already used
-        self._cur_parent_state = None  # parent state from before _cur was read
-        self._done = False
+    pairs = parent.filter(_has_pairs).map(_pairs)
+    packed = gex.ConcatThenSplitIterDataset(
+        pairs, length_struct={"tokens": seq_len, "targets": seq_len, "loss_mask": seq_len})
+    return _JsonStateIterDataset(packed).map(_RowFromPacked(int(pad_id)))
 
-    def _next_piece(self) -> bool:
-        while True:
-            state = copy.deepcopy(self._parent.get_state())
-            try:
-                ids = next(self._parent)
-            except StopIteration:
-                self._done = True
-                return False
-            ids = np.asarray(ids, dtype=np.int32)
-            if len(ids) >= 2:
-                self._cur, self._off, self._cur_parent_state = ids, 0, state
-                return True
 
+def _tuples(state):
+    """A state read back from JSON with its lists as tuples again (grain's packer compares
+    its remainder slices with tuples, and a list never equals a tuple)."""
+    if isinstance(state, dict):
+        return {k: _tuples(v) for k, v in state.items()}
+    if isinstance(state, list):
+        return tuple(_tuples(v) for v in state)
+    return state
+
+
+class _JsonStateIterator(grain.DatasetIterator):
     def __next__(self):
-        S = self._seq_len
-        chunks = []
-        fill = 0
-        while fill < S and not self._done:
-            if self._cur is None and not self._next_piece():
-                break
-            n = min(S - fill, len(self._cur) - 1 - self._off)
-            chunks.append((self._cur, self._off, n))
-            fill += n
-            self._off += n
-            if self._off == len(self._cur) - 1:
-                self._cur = None
-        if fill == 0 or (fill < S and not self._pad_last):
-            raise StopIteration
-        return _pack_row(S, self._pad_id, chunks)
+        return next(self._parent)
 
     def get_state(self):
-        if self._cur is not None:
-            return {"parent": copy.deepcopy(self._cur_parent_state), "offset": int(self._off)}
-        return {"parent": copy.deepcopy(self._parent.get_state()), "offset": 0}
+        return self._parent.get_state()
 
     def set_state(self, state):
-        self._parent.set_state(copy.deepcopy(state["parent"]))
-        self._cur, self._off, self._cur_parent_state, self._done = None, 0, None, False
-        if state["offset"]:
-            if not self._next_piece():
-                raise DataError("iterator state does not match the data: the piece it was packing is gone")
-            if state["offset"] >= len(self._cur) - 1:
-                raise DataError("iterator state does not match the data: offset past the piece's end")
-            self._off = int(state["offset"])
+        self._parent.set_state(_tuples(state))
 
 
-class PackIterDataset(grain.IterDataset):
-    """Rows of `seq_len` (input, target) pairs from an IterDataset of 1-D token-id arrays.
-
-    pad_last: pad and yield the last, partial row (validation); False drops it.
-    """
-
-    def __init__(self, parent, seq_len: int, *, pad_id: int = 0, pad_last: bool = False):
-        super().__init__(parent)
-        if seq_len < 1:
-            raise DataError(f"seq_len must be >= 1, got {seq_len}")
-        self._seq_len = int(seq_len)
-        self._pad_id = int(pad_id)
-        self._pad_last = bool(pad_last)
+class _JsonStateIterDataset(grain.IterDataset):
+    """The parent, whose iterator also restores a state that went through JSON (see `_tuples`)."""
 
     def __iter__(self):
-        return _PackIterator(self._parent.__iter__(), self._seq_len, self._pad_id, self._pad_last)
-
-    def __str__(self) -> str:
-        return f"PackIterDataset(seq_len={self._seq_len})"
+        return _JsonStateIterator(self._parent.__iter__())
 
 
 class EpochShuffleMapDataset(grain.MapDataset):
     """The parent repeated forever; with shuffle, every epoch in a new order.
 
     Epoch e is np.random.default_rng([seed, e]).permutation(len(parent)):
-    deterministic, and fast for any size (grain's own shuffle is slow on
-    datasets of a few elements).
+    deterministic, and fast for any size. Hand-written rather than grain's
+    `MapDataset.shuffle(seed).repeat()` (which also reshuffles every epoch):
+    grain's index shuffle costs ~10 ms per element on datasets of a few
+    elements (a corpus of a handful of long documents cut into pieces), which
+    would dominate reading; this one costs one permutation per epoch.
     """
 
     def __init__(self, parent, *, seed: int, shuffle: bool = True):
@@ -607,86 +725,14 @@ class EpochShuffleMapDataset(grain.MapDataset):
         return f"EpochShuffleMapDataset(seed={self._seed}, shuffle={self._shuffle})"
 
 
-class _WindowShuffleIterator(grain.DatasetIterator):
-    """Reads `window` elements, yields them in a permuted order, repeats.
-
-    State: the parent state at the window start, the window index and the
-    position in the window (a restore re-reads the window).
-    """
-
-    def __init__(self, parent, window: int, seed: int):
-        super().__init__(parent)
-        self._window_size = window
-        self._seed = seed
-        self._window_index = 0
-        self._pos = 0
-        self._window: list = []
-        self._start_state = copy.deepcopy(self._parent.get_state())
-
-    def _fill(self):
-        self._window = []
-        for _ in range(self._window_size):
-            try:
-                self._window.append(next(self._parent))
-            except StopIteration:
-                break
-        perm = np.random.default_rng([self._seed, self._window_index]).permutation(len(self._window))
-        self._window = [self._window[i] for i in perm]
-
-    def __next__(self):
-        if self._pos >= len(self._window):
-            if self._window:
-                self._window_index += 1
-            self._start_state = copy.deepcopy(self._parent.get_state())
-            self._pos = 0
-            self._fill()
-            if not self._window:
-                raise StopIteration
-        item = self._window[self._pos]
-        self._window[self._pos] = None
-        self._pos += 1
-        return item
-
-    def get_state(self):
-        return {
-            "parent_window_start_state": copy.deepcopy(self._start_state),
-            "window_index": self._window_index,
-            "pos_in_window": self._pos,
-        }
-
-    def set_state(self, state):
-        self._start_state = copy.deepcopy(state["parent_window_start_state"])
-        self._parent.set_state(copy.deepcopy(self._start_state))
-        self._window_index = int(state["window_index"])
-        self._pos = int(state["pos_in_window"])
-        self._window = []
-        if self._pos:
-            self._fill()
-            for i in range(min(self._pos, len(self._window))):
-                self._window[i] = None
-
-
-class WindowShuffleIterDataset(grain.IterDataset):
-    """Shuffles elements within consecutive windows of `window` elements."""
-
-    def __init__(self, parent, *, window: int, seed: int):
-        super().__init__(parent)
-        self._window = int(window)
-        self._seed = int(seed)
-
-    def __iter__(self):
-        return _WindowShuffleIterator(self._parent.__iter__(), self._window, self._seed)
-
-    def __str__(self) -> str:
-        return f"WindowShuffleIterDataset(window={self._window})"
-
-
 def pack_token_arrays(arrays, seq_len: int, *, pad_id: int = 0, pad_last: bool = True) -> list[dict]:
-    """Pack a finite list of token-id arrays into rows (a helper for tests and tools)."""
-    ds = grain.MapDataset.source([np.asarray(a, np.int32) for a in arrays]).to_iter_dataset(
-        grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
-    )
-    return list(PackIterDataset(ds, seq_len, pad_id=pad_id, pad_last=pad_last))
+    """Pack a finite list of token-id arrays (or {"ids", "targets_mask"} dicts) into rows
+    (a helper for tests and tools); pad_last=False drops the last, padded row."""
+    ds = grain.MapDataset.source([_as_piece(a) for a in arrays]).to_iter_dataset(_read_options())
+    rows = list(pack_rows(ds, seq_len, pad_id=pad_id))
+    if rows and not pad_last and int(rows[-1]["segment_ids"][-1]) == 0:
+        rows = rows[:-1]
+    return rows
 
 
 def _derive_seed(seed: int, stream: int) -> int:
@@ -750,12 +796,12 @@ def make_train_dataset(
         )
     ds = grain.MapDataset.source(pieces)[process_index::process_count]
     ds = EpochShuffleMapDataset(ds, seed=_derive_seed(seed, 0), shuffle=data_config.shuffle)
-    ds = ds.map(_TokenizePiece(tok))
+    ds = ds.map(_TokenizePiece(tok, data_config.tokenizer))
     it = ds.to_iter_dataset(_read_options())
     pad_id = tok.pad_id if tok.pad_id is not None else 0
-    it = PackIterDataset(it, seq_len, pad_id=pad_id, pad_last=False)
+    it = pack_rows(it, seq_len, pad_id=pad_id)
     if data_config.shuffle and data_config.shuffle_window > 1:
-        it = WindowShuffleIterDataset(it, window=data_config.shuffle_window, seed=_derive_seed(seed, 1))
+        it = gex.WindowShuffleIterDataset(it, window_size=data_config.shuffle_window, seed=_derive_seed(seed, 1))
     it = it.batch(global_batch_size // process_count, drop_remainder=True)
     if data_config.num_workers > 0:
         _ensure_absl_flags_parsed()
@@ -820,8 +866,8 @@ def make_val_batches(
     if not val or max_batches == 0:
         return []
     pad_id = tok.pad_id if tok.pad_id is not None else 0
-    ds = grain.MapDataset.source(make_pieces(val)).map(_TokenizePiece(tok))
-    it = PackIterDataset(ds.to_iter_dataset(_read_options()), seq_len, pad_id=pad_id, pad_last=True)
+    ds = grain.MapDataset.source(make_pieces(val)).map(_TokenizePiece(tok, data_config.tokenizer))
+    it = pack_rows(ds.to_iter_dataset(_read_options()), seq_len, pad_id=pad_id)
     batches = []
     rows = []
     for row in it:
@@ -848,9 +894,10 @@ __all__ = [
     "DataFileNotFoundError",
     "PIECE_CHARS",
     "BATCH_KEYS",
+    "Chat",
     "EpochShuffleMapDataset",
-    "PackIterDataset",
-    "WindowShuffleIterDataset",
+    "chat_segments",
+    "pack_rows",
     "corpus_stats",
     "data_dir",
     "load_documents",

@@ -11,6 +11,14 @@ equals that of one big batch. Params and optimizer state are sharded over the
 mesh by the logical-axis rules of `jaxar.train.sharding`; the batch over
 (data, fsdp). The step never waits on the host: metrics stay on the device
 until the loop logs them.
+
+Fine-tuning: `init_from` starts from pretrained params (sharded by the same
+rules) instead of random ones. With LoRA (`lora.rank > 0`) the state's
+`params` are the adapters, the only thing the optimizer sees; the base params
+ride along frozen in `TrainState.frozen` and are merged with the adapters
+inside the loss (`jaxar.train.lora.merge`), so the model code is unchanged.
+At the end, the merged model is written as a Hugging Face directory
+(`RunConfig.export_dir`).
 """
 
 from __future__ import annotations
@@ -35,7 +43,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxar.config import ConfigError, ModelConfig
 from jaxar.models.transformer import forward, init_params, param_logical_axes
 from jaxar.train import sharding as shd
+from jaxar.train import lora as lora_lib
 from jaxar.train.config import RunConfig, TrainConfig
+from jaxar.train.lora import LoraConfig
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +59,10 @@ class TrainState(NamedTuple):
     """Everything a step reads and writes (a pytree; donated to the step)."""
 
     step: jax.Array  # int32 [], number of updates applied
-    params: Any
+    params: Any  # what trains: the model params, or with LoRA the adapters
     opt_state: Any
     rng: jax.Array  # uint32 [2]; per-step keys are fold_in(rng, step) (for stochastic layers)
+    frozen: Any = None  # LoRA: the base model params (never updated, not in opt_state); else None
 
 
 # ---------------------------------------------------------------------------
@@ -151,7 +162,10 @@ class StepFunctions:
     abstract_state: TrainState
     init: Callable  # rng -> TrainState (sharded)
     train_step: Callable  # (state, batch) -> (state, metrics); state donated
-    eval_step: Callable  # (params, batch) -> (loss sum, token count)
+    eval_step: Callable  # (model params, batch) -> (loss sum, token count)
+    init_from_params: Callable = None  # (model params, rng) -> TrainState: a pretrained start
+    model_params: Callable = None  # (state.params, state.frozen) -> the model params (LoRA merged)
+    param_shardings: Any = None  # of the model params
 
 
 # model.scan_layers="auto" in training: the layers are scanned on TPU (compile time, memory; what XLA:TPU is
@@ -172,26 +186,38 @@ def resolve_scan_layers(model: ModelConfig, platform: Optional[str] = None) -> M
     return model.replace(scan_layers=model.uses_scan(platform))
 
 
-def build_step_functions(model: ModelConfig, train: TrainConfig, mesh: Mesh) -> StepFunctions:
+def build_step_functions(model: ModelConfig, train: TrainConfig, mesh: Mesh,
+                         lora: Optional[LoraConfig] = None) -> StepFunctions:
     """Shardings from the logical-axis rules, and the jit-compiled init / train / eval steps.
 
     model.scan_layers="auto" is resolved for the mesh's platform first (`resolve_scan_layers`).
+    lora (rank > 0): only adapters train; see the module docstring.
     Cached on its (hashable) arguments, so repeated runs in one process reuse the compiled steps.
     """
-    return _build_step_functions(resolve_scan_layers(model, mesh.devices.flat[0].platform), train, mesh)
+    lora = lora if lora is not None and lora.enabled else None
+    return _build_step_functions(resolve_scan_layers(model, mesh.devices.flat[0].platform), train, mesh, lora)
 
 
 @functools.lru_cache(maxsize=4)
-def _build_step_functions(model: ModelConfig, train: TrainConfig, mesh: Mesh) -> StepFunctions:
+def _build_step_functions(model: ModelConfig, train: TrainConfig, mesh: Mesh,
+                          lora: Optional[LoraConfig] = None) -> StepFunctions:
     abstract_params = jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0)))
-    optimizer = make_optimizer(train, abstract_params)
     replicated = NamedSharding(mesh, P())
     param_specs = shd.tree_specs(param_logical_axes(model), abstract_params, mesh)
     param_shardings = shd.tree_shardings(param_specs, mesh)
-    abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
-    opt_shardings = opt_state_shardings(abstract_opt, abstract_params, param_shardings, replicated)
-    state_shardings = TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings,
-                                 rng=replicated)
+    if lora is None:
+        abstract_trainable, trainable_shardings, frozen_shardings = abstract_params, param_shardings, None
+    else:
+        abstract_trainable = jax.eval_shape(
+            lambda p: lora_lib.init_adapters(lora, p, jax.random.PRNGKey(0)), abstract_params)
+        adapter_axes = lora_lib.adapter_logical_axes(lora, param_logical_axes(model), abstract_params)
+        trainable_shardings = shd.tree_shardings(shd.tree_specs(adapter_axes, abstract_trainable, mesh), mesh)
+        frozen_shardings = param_shardings
+    optimizer = make_optimizer(train, abstract_trainable)
+    abstract_opt = jax.eval_shape(optimizer.init, abstract_trainable)
+    opt_shardings = opt_state_shardings(abstract_opt, abstract_trainable, trainable_shardings, replicated)
+    state_shardings = TrainState(step=replicated, params=trainable_shardings, opt_state=opt_shardings,
+                                 rng=replicated, frozen=frozen_shardings)
     batch_sharding = shd.batch_sharding(mesh)
     from jaxar.train.data import BATCH_KEYS
 
@@ -199,17 +225,38 @@ def _build_step_functions(model: ModelConfig, train: TrainConfig, mesh: Mesh) ->
     accum = train.grad_accum
     micro_sharding = NamedSharding(mesh, P(None, shd.BATCH_AXES, None))
 
+    def state_from_params(params, state_rng):
+        """A fresh state around model params: they train, or (LoRA) new adapters train beside them."""
+        if lora is None:
+            return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+                              rng=state_rng)
+        adapter_rng, state_rng = jax.random.split(state_rng)
+        adapters = lora_lib.init_adapters(lora, params, adapter_rng)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=adapters, opt_state=optimizer.init(adapters),
+                          rng=state_rng, frozen=params)
+
     def init_fn(rng):
         params_rng, state_rng = jax.random.split(rng)
-        params = init_params(model, params_rng)
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
-                          rng=state_rng)
+        return state_from_params(init_params(model, params_rng), state_rng)
+
+    def init_from_params_fn(params, rng):
+        return state_from_params(params, jax.random.split(rng)[1])
+
+    def model_params_fn(trainable, frozen):
+        return trainable if lora is None else lora_lib.merge(frozen, trainable, lora)
 
     abstract_state = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
     schedule = lr_schedule(train)
-    grad_fn = jax.value_and_grad(cross_entropy_sums, has_aux=True)
+
+    def trainable_loss(trainable, frozen, batch, config):
+        return cross_entropy_sums(model_params_fn(trainable, frozen), batch, config)
+
+    value_and_grad = jax.value_and_grad(trainable_loss, has_aux=True)
 
     def train_step(state: TrainState, batch: dict):
+        def grad_fn(trainable, mb, config):
+            return value_and_grad(trainable, state.frozen, mb, config)
+
         if accum == 1:
             (loss_sum, count), grad_sum = grad_fn(state.params, batch, model)
         else:
@@ -220,7 +267,7 @@ def _build_step_functions(model: ModelConfig, train: TrainConfig, mesh: Mesh) ->
 
             micro = {k: split(v) for k, v in batch.items()}
             zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
-            zeros = jax.lax.with_sharding_constraint(zeros, param_shardings)
+            zeros = jax.lax.with_sharding_constraint(zeros, trainable_shardings)
 
             def body(carry, mb):
                 g_acc, l_acc, c_acc = carry
@@ -237,7 +284,8 @@ def _build_step_functions(model: ModelConfig, train: TrainConfig, mesh: Mesh) ->
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss_sum / denom, "grad_norm": grad_norm, "lr": schedule(state.step),
                    "loss_tokens": count}
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng), metrics
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng,
+                          frozen=state.frozen), metrics
 
     def eval_step(params, batch):
         return cross_entropy_sums(params, batch, model)
@@ -254,6 +302,11 @@ def _build_step_functions(model: ModelConfig, train: TrainConfig, mesh: Mesh) ->
                            out_shardings=(state_shardings, metric_shardings), donate_argnums=0),
         eval_step=jax.jit(eval_step, in_shardings=(param_shardings, batch_shardings),
                           out_shardings=(replicated, replicated)),
+        init_from_params=jax.jit(init_from_params_fn, in_shardings=(param_shardings, replicated),
+                                 out_shardings=state_shardings),
+        model_params=jax.jit(model_params_fn, in_shardings=(trainable_shardings, frozen_shardings),
+                             out_shardings=param_shardings),
+        param_shardings=param_shardings,
     )
 
 
@@ -354,6 +407,7 @@ class TrainResult:
     preempted: bool
     state: Optional[TrainState] = None  # the final state (sharded jax arrays)
     model_config: Optional[ModelConfig] = None
+    export_dir: Optional[str] = None  # the Hugging Face directory written at the end (LoRA merged), if any
 
 
 class _Writers:
@@ -444,7 +498,7 @@ def _identity(run: dict) -> dict:
     unrolled, the layers and their parameters are the same)."""
     train = run.get("train") or {}
     model = {k: v for k, v in (run.get("model") or {}).items() if k != "scan_layers"}
-    return {"model": model, "data": run.get("data"), "seed": run.get("seed"),
+    return {"model": model, "data": run.get("data"), "seed": run.get("seed"), "lora": run.get("lora"),
             "train": {"seq_len": train.get("seq_len"), "batch_size": train.get("batch_size")}}
 
 
@@ -537,7 +591,15 @@ def train(run_config: RunConfig, *, force: bool = False, devices: Optional[Seque
         os.replace(config_path + ".tmp", config_path)
         tokenizer.save(run_dir)
 
-    fns = build_step_functions(model, train_cfg, mesh)
+    lora = run_config.lora if run_config.lora.enabled else None
+    export_dir = run_config.export_dir
+    if export_dir is not None:
+        export_dir = os.path.abspath(export_dir)
+        if os.path.isdir(export_dir) and os.listdir(export_dir) and not os.path.isfile(
+                os.path.join(export_dir, "jaxar_config.json")):
+            raise ConfigError(f"train.export={export_dir!r} holds files that are not a jaxar export; "
+                              "choose another train.export (or '' for none)")
+    fns = build_step_functions(model, train_cfg, mesh, lora)
     data_iter = make_train_iterator(run_config.data, tokenizer, seq_len=train_cfg.seq_len,
                                     global_batch_size=train_cfg.batch_size, seed=run_config.seed,
                                     process_index=jax.process_index(), process_count=jax.process_count())
@@ -547,19 +609,39 @@ def train(run_config: RunConfig, *, force: bool = False, devices: Optional[Seque
         "rng": jax.ShapeDtypeStruct(fns.abstract_state.rng.shape, fns.abstract_state.rng.dtype,
                                     sharding=fns.state_shardings.rng),
     }
-    restored = checkpointer.restore_latest(
-        _with_shardings(fns.abstract_state.params, fns.state_shardings.params), abstract_opt_item)
+    if lora is None:
+        restored = checkpointer.restore_latest(
+            _with_shardings(fns.abstract_state.params, fns.state_shardings.params), abstract_opt_item)
+    else:  # the checkpoint's params item is the frozen base; the adapters are the lora item
+        restored = checkpointer.restore_latest(
+            _with_shardings(fns.abstract_state.frozen, fns.state_shardings.frozen), abstract_opt_item,
+            _with_shardings(fns.abstract_state.params, fns.state_shardings.params))
     if restored is not None:
         step_array = jax.jit(lambda: jnp.asarray(restored.step, jnp.int32), out_shardings=fns.state_shardings.step)()
-        state = TrainState(step=step_array, params=restored.params, opt_state=restored.opt_state, rng=restored.rng)
+        if lora is None:
+            state = TrainState(step=step_array, params=restored.params, opt_state=restored.opt_state,
+                               rng=restored.rng)
+        else:
+            state = TrainState(step=step_array, params=restored.lora, opt_state=restored.opt_state,
+                               rng=restored.rng, frozen=restored.params)
         if restored.data_state is not None:
             data_iter.set_state(restored.data_state)
         start_step = restored.step
         if is_main:
             print(f"[jaxar] resuming {run_dir} from step {start_step}", file=sys.stderr)
+    elif run_config.init_from is not None:
+        params = load_init_params(run_config.init_from, model, fns.param_shardings)
+        state = fns.init_from_params(params, jax.random.PRNGKey(run_config.seed))
+        del params
+        start_step = 0
+        if is_main:
+            print(f"[jaxar] starting from {run_config.init_from}", file=sys.stderr)
     else:
         state = fns.init(jax.random.PRNGKey(run_config.seed))
         start_step = 0
+
+    def model_params(state):
+        return state.params if lora is None else fns.model_params(state.params, state.frozen)
 
     val_batches = [shd.global_batch(_local_rows(b), mesh) for b in make_val_batches(
         run_config.data, tokenizer, seq_len=train_cfg.seq_len, batch_size=train_cfg.batch_size,
@@ -595,12 +677,16 @@ def train(run_config: RunConfig, *, force: bool = False, devices: Optional[Seque
         nonlocal last_saved
         if at_step == last_saved:
             return
-        checkpointer.save(at_step, params=state.params, opt_state=state.opt_state, rng=state.rng,
-                          data_state=data_iter.get_state(), run_config=run_dict)
+        if lora is None:
+            checkpointer.save(at_step, params=state.params, opt_state=state.opt_state, rng=state.rng,
+                              data_state=data_iter.get_state(), run_config=run_dict)
+        else:
+            checkpointer.save(at_step, params=state.frozen, opt_state=state.opt_state, rng=state.rng,
+                              data_state=data_iter.get_state(), run_config=run_dict, lora=state.params)
         last_saved = at_step
 
     def evaluate_and_record(at_step: int) -> None:
-        val = evaluate(state.params)
+        val = evaluate(model_params(state))
         if val is not None:
             val_losses[at_step] = val
             writers.write({"step": at_step, "val_loss": val})
@@ -667,8 +753,60 @@ def train(run_config: RunConfig, *, force: bool = False, devices: Optional[Seque
             plot_losses(writers.path, os.path.join(run_dir, "loss.png"))
         except Exception as e:  # noqa: BLE001 - a plot is not worth failing a run for
             log.warning("could not plot losses: %s", e)
+    exported = None
+    if export_dir is not None and step >= train_cfg.steps and not preempted:
+        exported = export_model(model, model_params(state), export_dir, tokenizer=tokenizer,
+                                chat_source=run_config.data.tokenizer)
+        if is_main:
+            print(f"[jaxar] wrote the model to {exported}", file=sys.stderr)
     return TrainResult(run_dir=run_dir, step=step, losses=losses, val_losses=val_losses, preempted=preempted,
-                       state=state, model_config=model)
+                       state=state, model_config=model, export_dir=exported)
+
+
+def load_init_params(path: str, model: ModelConfig, shardings) -> Any:
+    """The params of the init_from checkpoint in model.param_dtype, placed with `shardings`;
+    a checkpoint whose parameters do not have the model's shapes is a one-line ConfigError."""
+    import jaxar
+
+    from jaxar.train.checkpoint import CheckpointError
+
+    try:
+        _, params = jaxar.from_pretrained(path)
+    except (OSError, ValueError, CheckpointError) as e:
+        raise ConfigError(f"init_from={path!r}: {e}") from None
+    expected = jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0)))
+    want = {jax.tree_util.keystr(p): x.shape for p, x in jax.tree_util.tree_flatten_with_path(expected)[0]}
+    have = {jax.tree_util.keystr(p): np.shape(x) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    if want != have:
+        diff = sorted(set(want) ^ set(have)) or [k for k in want if want[k] != have[k]]
+        raise ConfigError(f"init_from={path!r}: its parameters do not fit the model config (first difference: "
+                          f"{diff[0]} {have.get(diff[0])} vs {want.get(diff[0])})")
+    dtype = jnp.dtype(model.param_dtype)
+    return jax.tree_util.tree_map(lambda x, s: jax.device_put(np.asarray(x).astype(dtype), s), params, shardings)
+
+
+def export_model(model: ModelConfig, params, export_dir: str, *, tokenizer=None,
+                 chat_source: Optional[str] = None) -> str:
+    """save_pretrained of the (merged) model params into export_dir, replacing an earlier export
+    there; the chat template of `chat_source` (a tokenizer directory) is copied along."""
+    import shutil
+
+    from jaxar.api import save_pretrained
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        params = multihost_utils.process_allgather(params, tiled=True)
+    host = jax.device_get(params)
+    if jax.process_index() == 0:
+        save_pretrained(model, host, export_dir, tokenizer=tokenizer, overwrite=True)
+        if chat_source and os.path.isdir(chat_source):
+            for name in ("chat_template.jinja", "tokenizer_config.json", "special_tokens_map.json"):
+                src = os.path.join(chat_source, name)
+                if os.path.isfile(src) and not os.path.exists(os.path.join(export_dir, name)):
+                    shutil.copy(src, os.path.join(export_dir, name))
+    _barrier("jaxar_after_export")
+    return export_dir
 
 
 def _with_shardings(abstract, shardings):
@@ -702,6 +840,8 @@ __all__ = [
     "TrainState",
     "build_step_functions",
     "cross_entropy_sums",
+    "export_model",
+    "load_init_params",
     "flops_per_token",
     "loss_fn",
     "lr_schedule",
