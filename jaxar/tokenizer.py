@@ -447,7 +447,7 @@ def _byte_level_bpe(md: dict, source: str):
         [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in splits]
         + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
-    return tok, alphabet
+    return tok, vocab, alphabet
 
 
 def _bytes_to_unicode() -> dict:
@@ -494,7 +494,7 @@ def _sentencepiece_bpe(md: dict, source: str):
     if prefix:
         steps.append(decoders.Strip(content=" ", left=1, right=0))
     tok.decoder = decoders.Sequence(steps)
-    return tok, None
+    return tok, vocab, None
 
 
 def gguf_tokenizer(path: Union[str, os.PathLike, Any]) -> HFTokenizer:
@@ -519,10 +519,10 @@ def gguf_tokenizer(path: Union[str, os.PathLike, Any]) -> HFTokenizer:
     if kind is None or "tokenizer.ggml.tokens" not in md:
         raise TokenizerNotFoundError(f"{source}: the GGUF file holds no tokenizer (no tokenizer.ggml.model/tokens)")
     if kind == "gpt2":
-        tok, alphabet = _byte_level_bpe(md, source)
+        tok, vocab, alphabet = _byte_level_bpe(md, source)
         default_add_bos = _GGUF_PRE[md.get("tokenizer.ggml.pre", "default")][2]
     elif kind == "llama":
-        tok, alphabet = _sentencepiece_bpe(md, source)
+        tok, vocab, alphabet = _sentencepiece_bpe(md, source)
         default_add_bos = True
     else:
         raise ValueError(f"{source}: GGUF tokenizer model {kind!r} is not supported; jaxar builds "
@@ -530,7 +530,6 @@ def gguf_tokenizer(path: Union[str, os.PathLike, Any]) -> HFTokenizer:
     tokens = md["tokenizer.ggml.tokens"]
     types = md.get("tokenizer.ggml.token_type")
     if types is not None:
-        vocab = tok.get_vocab(with_added_tokens=False)
         special = [AddedToken(t, normalized=False, special=True) for t, ty in zip(tokens, types)
                    if ty == _CONTROL and t in vocab and (alphabet is None or set(t) <= alphabet)]
         user = [AddedToken(t, normalized=False, special=False) for t, ty in zip(tokens, types)

@@ -24,6 +24,7 @@ The tokenizer is built by `jaxar.tokenizer.gguf_tokenizer` from the same file.
 from __future__ import annotations
 
 import dataclasses
+import mmap
 import os
 import re
 import struct
@@ -115,7 +116,7 @@ class _Cursor:
     def string(self) -> str:
         n = self.unpack("Q")
         self.need(n)
-        s = bytes(self.buf[self.pos:self.pos + n]).decode("utf-8", errors="replace")
+        s = self.buf[self.pos:self.pos + n].decode("utf-8", errors="replace")
         self.pos += n
         return s
 
@@ -149,7 +150,7 @@ class _Cursor:
             if pos + n > size:
                 self.pos = pos
                 self.need(n)
-            out.append(bytes(buf[pos:pos + n]).decode("utf-8", errors="replace"))
+            out.append(buf[pos:pos + n].decode("utf-8", errors="replace"))
             pos += n
         self.pos = pos
         return out
@@ -165,10 +166,12 @@ def read_gguf(path: str) -> GGUFFile:
     size = os.path.getsize(path)
     if size < 24:
         raise CheckpointError(f"{path}: not a GGUF file (only {size} bytes)")
-    data = np.memmap(path, dtype=np.uint8, mode="r")
-    cur = _Cursor(data, path)
-    if bytes(data[:4]) != GGUF_MAGIC:
-        raise CheckpointError(f"{path}: not a GGUF file (starts with {bytes(data[:4])!r}, expected b'GGUF')")
+    with open(path, "rb") as f:  # the mapping outlives the file object
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    data = np.frombuffer(mapped, dtype=np.uint8)
+    cur = _Cursor(mapped, path)  # slicing the mmap (bytes) is much faster than slicing numpy
+    if mapped[:4] != GGUF_MAGIC:
+        raise CheckpointError(f"{path}: not a GGUF file (starts with {mapped[:4]!r}, expected b'GGUF')")
     cur.pos = 4
     version = cur.unpack("I")
     if version not in (2, 3):
