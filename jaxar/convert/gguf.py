@@ -3,11 +3,18 @@
 Supported:
 * architectures `llama` (Llama 1-3, Mistral, SmolLM, ...), `qwen2` and `gpt2`
   (`SUPPORTED_ARCHITECTURES`); anything else is a one-line `ConfigError`;
-* tensor types F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and the K-quants
-  (Q2_K..Q6_K), dequantized once to float32 with numpy (`gguf.quants`);
-  IQ types raise `CheckpointError`;
+* every tensor type `gguf.quants` dequantizes (F32, F16, BF16, Q4_0, Q4_1,
+  Q5_0, Q5_1, Q8_0, the K-quants Q2_K..Q6_K, the IQ*, TQ* and MXFP4 types),
+  dequantized once to float32 with numpy; the rest (Q8_1, Q8_K, integer and
+  F64 tensors) raise `CheckpointError`;
 * rope scaling `linear` (metadata) and Llama 3.1 `llama3` (recovered from the
-  `rope_freqs` tensor when it matches Llama 3's formula).
+  `rope_freqs` tensor when it matches Llama 3's formula); tied embeddings when
+  the file has no `output.weight`; bos/eos/pad ids from `tokenizer.ggml.*`
+  (eot/eom ids join eos);
+* tokenizers (`jaxar.tokenizer.gguf_tokenizer`): `tokenizer.ggml.model` gpt2
+  (byte-level BPE, pre-tokenizers gpt-2/default, smollm/starcoder, qwen2,
+  llama-bpe/llama3 and aliases) and llama (SentencePiece BPE, byte fallback).
+Not supported: MoE, sliding-window attention, partial rotary, per-layer head counts.
 
 llama.cpp's converter permutes the rows of Llama's q/k projections (interleaved
 rotary pairs); `_unpermute_rows` undoes that, so the weights equal the Hugging
@@ -91,7 +98,7 @@ class GGUFFile:
         except NotImplementedError:
             raise CheckpointError(
                 f"{self.path}: tensor {name!r} is {qtype.name}, which jaxar cannot dequantize "
-                "(supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K..Q6_K)") from None
+                "(supported: F32, F16, BF16, Q4_0..Q8_0, Q2_K..Q6_K, IQ*, TQ*, MXFP4)") from None
         return np.asarray(out, dtype=np.float32).reshape(info.shape)
 
 
