@@ -291,7 +291,7 @@ def test_stop_strings_cut_the_completion_before_the_first_one(model_dir, free_ru
     # the decode loop itself stopped there (no token generated past the stop string)
     assert json.loads(stats.read_text())["generated_tokens"] == len(expected) < len(free_run)
     code, rows, _ = _run(["--model", model_dir, "--prompt", "abc", "--temperature", "0", "--max-new-tokens", "16",
-                          "--stop", "\x00never\x00"], capsys)
+                          "--stop", "\x00\x01"], capsys)
     assert rows[0]["tokens"] == free_run[:len(rows[0]["tokens"])] and rows[0]["completion"] == tok.decode(
         [t for t in rows[0]["tokens"] if t != 256])
 
