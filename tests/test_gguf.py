@@ -8,12 +8,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tokenizers
 import torch
 import transformers
 
 import jaxar
 from jaxar.config import ConfigError
-from jaxar.convert.gguf import read_gguf
 from jaxar.convert.hf import CheckpointError
 from jaxar.tokenizer import gguf_tokenizer, load_tokenizer
 from tests import vocab
@@ -58,9 +58,7 @@ def _llama3_factors(scaling: dict, head_dim: int) -> np.ndarray:
 
 
 def _tokenizer_fields(w: gguf.GGUFWriter, vocab_size: int):
-    byte_chars = [c for c in __import__("tokenizers").pre_tokenizers.ByteLevel.alphabet()]
-    byte_chars.sort()
-    tokens = byte_chars[:vocab_size - 1] + ["<|endoftext|>"]
+    tokens = sorted(tokenizers.pre_tokenizers.ByteLevel.alphabet())[:vocab_size - 1] + ["<|endoftext|>"]
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("default")
     w.add_token_list(tokens)
