@@ -218,3 +218,18 @@ def test_template_lookup_order_and_named_templates(tiny_dir, tmp_path):
                                                "pad_token": "<|endoftext|>"}
     # end of turn: the tokenizer's eos plus the turn-ending tokens its vocabulary has
     assert end_of_turn_ids(tok) == tuple(tok.token_to_id(t) for t in ("<|endoftext|>", "<|im_end|>", "<|eot_id|>"))
+
+
+def test_gguf_tokenizer_carries_the_chat_template(smollm2_gguf, smollm2_hf_dir):
+    """A .gguf file's template (tokenizer.chat_template metadata) and special tokens, with no
+    tokenizer files around: the same prompt ids as transformers' reading of that GGUF."""
+    from jaxar.tokenizer import gguf_tokenizer
+
+    tok = gguf_tokenizer(smollm2_gguf)
+    template = load_chat_template(smollm2_gguf, tok)
+    hf = transformers.AutoTokenizer.from_pretrained(smollm2_hf_dir)
+    assert template is not None and template.source == hf.chat_template
+    assert template.special_tokens["eos_token"] == hf.eos_token and template.special_tokens["bos_token"] == hf.bos_token
+    for messages in CONVERSATIONS[1:3]:
+        assert template.encode(tok, messages) == _hf_ids(hf, messages, add_generation_prompt=True)
+    assert hf.convert_tokens_to_ids("<|im_end|>") in end_of_turn_ids(tok)

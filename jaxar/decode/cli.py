@@ -44,7 +44,8 @@ class UsageError(Exception):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sample.py", description="Batch generation with jaxar.")
-    p.add_argument("--model", required=True, help="jaxar run/checkpoint directory or Hugging Face model directory")
+    p.add_argument("--model", required=True, help="jaxar run/checkpoint directory, Hugging Face model directory or "
+                   "llama.cpp .gguf file")
     p.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
     p.add_argument("--prompts", help="JSONL file: rows with \"prompt\" (text), \"tokens\" (ids) or \"messages\" "
                    "(a conversation: [{\"role\": ..., \"content\": ...}, ...], rendered with the chat template)")
@@ -182,18 +183,19 @@ def read_prompts(args) -> List[dict]:
     return rows
 
 
-def _load_model(path: str, dtype):
+def _load_model(path: str, dtype, progress: Optional[bool] = None):
     import jaxar
     from jaxar.config import ConfigError
     from jaxar.convert.hf import CheckpointError
 
-    if not os.path.isdir(path):
-        raise UsageError(f"--model {path}: no such directory")
-    if not os.access(path, os.R_OK | os.X_OK):
-        raise UsageError(f"--model {path}: directory is not readable")
+    is_gguf = os.path.isfile(path) and path.lower().endswith(".gguf")
+    if not is_gguf and not os.path.isdir(path):
+        raise UsageError(f"--model {path}: no such directory (or .gguf file)")
+    if not os.access(path, os.R_OK | (0 if is_gguf else os.X_OK)):
+        raise UsageError(f"--model {path}: {'file' if is_gguf else 'directory'} is not readable")
     try:
-        config, params = jaxar.from_pretrained(path, dtype=dtype)
-    except (FileNotFoundError, ConfigError, CheckpointError, PermissionError) as e:
+        config, params = jaxar.from_pretrained(path, dtype=dtype, progress=progress)
+    except (FileNotFoundError, ConfigError, CheckpointError, PermissionError, ValueError) as e:
         raise UsageError(f"--model {path}: {e}") from None
     from jaxar.models.transformer import decode_params
 
@@ -453,7 +455,7 @@ def _generate_all(args, rows, stdout) -> int:
     from jaxar.decode import drafters
     from jaxar.decode.speculative import speculative_generate
 
-    config, params = _load_model(args.model, args.dtype)
+    config, params = _load_model(args.model, args.dtype, progress=False if args.no_progress else None)
     tokenizer = _load_tokenizer(args.model)
     draft_kw = None
     if args.draft == "model":
@@ -461,7 +463,7 @@ def _generate_all(args, rows, stdout) -> int:
     if args.draft and args.draft in drafters.names() and not os.path.isdir(args.draft):
         draft_kw = dict(draft=args.draft)
     elif args.draft:
-        draft_config, draft_params = _load_model(args.draft, args.dtype)
+        draft_config, draft_params = _load_model(args.draft, args.dtype, progress=False if args.no_progress else None)
         if draft_config.vocab_size != config.vocab_size:
             raise UsageError(f"--draft {args.draft}: vocabulary of {draft_config.vocab_size} differs from the "
                              f"model's {config.vocab_size}; the draft must share the tokenizer")
