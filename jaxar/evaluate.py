@@ -76,10 +76,10 @@ def token_windows(documents: Sequence[str], tokenizer, *, seq_len: int, max_toke
     rows, lengths, n_bytes = [], [], 0
     budget = max_tokens
     bos = [tokenizer.bos_id] if tokenizer.add_bos and tokenizer.bos_id is not None else []
-    for doc in documents:
+    for ids in _encoded(documents, tokenizer):
         if budget is not None and budget <= 0:
             break
-        ids = bos + list(tokenizer.encode(doc))
+        ids = bos + ids
         if budget is not None:
             ids = ids[:budget + 1]
         if len(ids) < 2:
@@ -94,6 +94,12 @@ def token_windows(documents: Sequence[str], tokenizer, *, seq_len: int, max_toke
     if not rows:
         raise ValueError("the text gives no token to score (every document is shorter than two tokens)")
     return Windows(np.stack(rows), np.asarray(lengths, np.int32), n_bytes, seq_len)
+
+
+def _encoded(documents: Sequence[str], tokenizer, chunk: int = 64):
+    """Token ids of each document in turn, encoded `chunk` documents at a time (in parallel for HF tokenizers)."""
+    for start in range(0, len(documents), chunk):
+        yield from (list(ids) for ids in tokenizer.encode_batch(list(documents[start:start + chunk])))
 
 
 @functools.partial(jax.jit, static_argnames="config")
