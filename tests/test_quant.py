@@ -176,9 +176,10 @@ def test_bad_quantization_settings_fail_with_one_line_errors(tiny_params):
                 cache=KVCache.empty(TINY, 1, 8))
 
 
-# SmolLM2-135M: measured on the fixed text below (256 tokens, one cached forward), perplexity
-# fp32 (transformers) 8.93; relative change int8 weights ~0.5%, int8 KV ~0.1%, both ~0.5%.
-PPL_REL_BOUND = 0.02
+# SmolLM2-135M-Instruct (the fixture), the fixed text below (238 tokens, one cached forward): perplexity
+# fp32 (transformers) 20.279; int8 weights 20.332 (+0.26%), int8 KV 20.218 (-0.30%), both 20.318 (+0.19%).
+# The bound leaves 3x that margin.
+PPL_REL_BOUND = 0.01
 
 TEXT = (
     "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg, a goldsmith from "
@@ -205,7 +206,7 @@ def cached_perplexity(params, config, ids):
     return float(jnp.exp(-jnp.mean(jnp.take_along_axis(lp, jnp.asarray(ids[1:, None]), 1))))
 
 
-def test_smollm2_int8_perplexity_within_two_percent_of_fp32(smollm2_jaxar, smollm2_torch, smollm2_hf_dir):
+def test_smollm2_int8_perplexity_within_one_percent_of_fp32(smollm2_jaxar, smollm2_torch, smollm2_hf_dir):
     import torch
 
     from jaxar.tokenizer import load_tokenizer

@@ -254,8 +254,8 @@ def chunked_cache_attention(q, cache_k, cache_v, lengths, block, sm_scale, chunk
         if scales is not None:
             k, v = k.astype(q.dtype), v.astype(q.dtype)
             # [batch, kv_heads, 1, 1, chunk]
-            k_s, v_s = (jnp.transpose(jax.lax.dynamic_slice_in_dim(x, start, chunk, axis=1), (0, 2, 1))[:, :, None, None]
-                        for x in scales)
+            k_s, v_s = (jnp.transpose(jax.lax.dynamic_slice_in_dim(x, start, chunk, axis=1), (0, 2, 1))
+                        [:, :, None, None] for x in scales)
         # [batch, kv_heads, group, T, chunk]
         s = jnp.einsum("BTKGH,BCKH->BKGTC", q, k, preferred_element_type=jnp.float32) * sm_scale
         if scales is not None:

@@ -158,7 +158,8 @@ def apply_model(config: ModelConfig, params: dict, tokens, inputs: AttentionInpu
     if embeds is not None:
         x = embeds.astype(dt)
     elif emb_scale is not None:
-        x = (jnp.take(emb, tokens, axis=0).astype(jnp.float32) * jnp.take(emb_scale, tokens, axis=0)[..., None]).astype(dt)
+        rows = jnp.take(emb, tokens, axis=0).astype(jnp.float32)
+        x = (rows * jnp.take(emb_scale, tokens, axis=0)[..., None]).astype(dt)
     else:
         x = jnp.take(emb.astype(dt), tokens, axis=0)
     if cfg.position == "learned":
