@@ -216,45 +216,48 @@ def test_gpt2_directory_generates_to_its_context_and_not_past_it(tmp_path, capsy
 
 # --------------------------------------------------------------------------- chat, stop strings, streaming, samples
 
-CHAT_SYSTEM, CHAT_USER = "You are a terse assistant.", "What is the capital of France?"
+CHAT_SYSTEM, CHAT_USERS = "You are a terse assistant.", ("What is the capital of France?", "Name a colour.")
 
 
 def test_chat_on_smollm2_equals_transformers_generate_and_stop_strings_cut_as_transformers(
         smollm2_hf_dir, smollm2_torch, capsys):
+    """Two conversations in one run (one load, one compile): the second row is checked whole
+    against transformers' greedy generate, the first with a stop string taken from its completion:
+    its tokens end with the one that completes the stop string (what transformers'
+    StopStringCriteria keeps; found here with transformers' decode), its text is cut before it."""
     import torch
     import transformers
 
     hf = transformers.AutoTokenizer.from_pretrained(smollm2_hf_dir)
-    messages = [{"role": "system", "content": CHAT_SYSTEM}, {"role": "user", "content": CHAT_USER}]
-    ids = hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
-    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
     end_of_turn = hf.convert_tokens_to_ids("<|im_end|>")
+    chats = [[{"role": "system", "content": CHAT_SYSTEM}, {"role": "user", "content": u}] for u in CHAT_USERS]
 
-    def reference(**kw):
+    def reference(messages, **kw):
+        ids = hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
         with torch.no_grad():
             out = smollm2_torch.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                                          max_new_tokens=8, do_sample=False, eos_token_id=end_of_turn,
                                          pad_token_id=end_of_turn, **kw)
         return out[0, len(ids):].tolist()
 
-    argv = ["--model", smollm2_hf_dir, "--chat", CHAT_USER, "--system", CHAT_SYSTEM, "--temperature", "0",
-            "--max-new-tokens", "8", "--batch-size", "1"]
-    code, rows, err = _run(argv, capsys)
-    ref = reference()
+    refs = [reference(m) for m in chats]
+    texts = [hf.decode(r, skip_special_tokens=True) for r in refs]
+    # a stop string that starts inside the first completion and is absent from the second
+    stop = next(texts[0][i:i + n] for n in (2, 3, 4, 6) for i in range(len(texts[0]) // 2, len(texts[0]) - n + 1)
+                if texts[0][i:i + n] not in texts[1] and texts[0][i:i + n].strip())
+    ref_stop = next(refs[0][:k] for k in range(1, 9) if stop in hf.decode(refs[0][:k], skip_special_tokens=True))
+    assert len(ref_stop) < len(refs[0])
+    code, rows, err = _run(["--model", smollm2_hf_dir, "--chat", CHAT_USERS[0], "--chat", CHAT_USERS[1], "--system",
+                            CHAT_SYSTEM, "--temperature", "0", "--max-new-tokens", "8", "--batch-size", "2",
+                            "--stop", stop], capsys)
     assert code == 0, err
-    assert rows[0]["tokens"] == ref
-    assert rows[0]["prompt"] == hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    assert rows[0]["messages"] == messages
-    text = hf.decode(ref, skip_special_tokens=True)
-    assert rows[0]["completion"] == text and len(text) > 6
-    # a stop string that starts inside the completion: transformers' StopStringCriteria stops at the
-    # token that completes it; the completion is cut before it
-    stop = text[len(text) // 2: len(text) // 2 + 2]
-    ref_stop = reference(stop_strings=[stop], tokenizer=hf)
-    code, rows, err = _run(argv + ["--stop", stop], capsys)
-    assert code == 0, err
-    assert rows[0]["tokens"] == ref_stop and len(ref_stop) < len(ref)
-    assert rows[0]["completion"] == text[:text.find(stop)] and rows[0]["finish_reason"] == "stop"
+    assert rows[1]["tokens"] == refs[1] and rows[1]["completion"] == texts[1]
+    assert rows[0]["tokens"] == ref_stop
+    assert rows[0]["completion"] == texts[0][:texts[0].find(stop)] and rows[0]["finish_reason"] == "stop"
+    for row, messages in zip(rows, chats):
+        assert row["messages"] == messages
+        assert row["prompt"] == hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 @pytest.fixture(scope="module")
