@@ -275,7 +275,7 @@ def test_stop_string_automaton_equals_a_brute_force_search():
     from jaxar.decode.loop import STOP_MATCHED, stop_string_table
 
     rng = np.random.default_rng(0)
-    pieces = [b"", b"a", b"b", b"c", b"ab", b"ba", b"abc", b"cab", b"bb", b"ca", b"\xc3", b"\xa9"]
+    pieces = [b"", b"a", b"b", b"c", b"ab", b"ba", b"abc", b"cab", b"bb", b"ca", b"\xc3", b"\xa9", b"xy", b"x"]
     stops = ["abab", "bca", "cc", "\u00e9"]
     table = stop_string_table(stops, pieces)
     assert table.shape[0] % 8 == 0 and (table[STOP_MATCHED] == STOP_MATCHED).all()

@@ -135,19 +135,23 @@ def stop_string_table(stops: Sequence[str], token_bytes: Sequence[Optional[bytes
     while states < n:
         states *= 2
     V = len(token_bytes)
-    known = np.array([b is not None for b in token_bytes])
-    lens = np.array([len(b) if b is not None else 0 for b in token_bytes], np.int64)
-    width = int(lens.max()) if V else 0
-    flat = np.zeros((V, max(width, 1)), np.int64)
-    for v, b in enumerate(token_bytes):
-        if b:
-            flat[v, :len(b)] = np.frombuffer(b, np.uint8)
-    cur = np.broadcast_to(np.arange(n)[:, None], (n, V)).copy()
-    cur[:, ~known] = 0
+    used = set(b"".join(patterns))
+    # A token none of whose bytes is in a stop string sends every state back to the start (an
+    # empty one leaves it, an unknown one restarts it); only the others run through the automaton.
+    empty = np.array([b is not None and len(b) == 0 for b in token_bytes], bool)
+    relevant = [v for v, b in enumerate(token_bytes) if b and not used.isdisjoint(b)]
+    cur = np.where(empty[None], np.arange(n)[:, None], 0).astype(np.int64)
+    if relevant:
+        pieces = [token_bytes[v] for v in relevant]
+        lens = np.array([len(b) for b in pieces], np.int64)
+        flat = np.zeros((len(pieces), int(lens.max())), np.int64)
+        for k, b in enumerate(pieces):
+            flat[k, :len(b)] = np.frombuffer(b, np.uint8)
+        sub = np.broadcast_to(np.arange(n)[:, None], (n, len(pieces))).copy()
+        for pos in range(flat.shape[1]):
+            sub = np.where((pos < lens)[None], delta[sub, flat[None, :, pos]], sub)
+        cur[:, relevant] = sub
     cur[1] = 1
-    for pos in range(width):
-        step = pos < lens
-        cur = np.where(step[None], delta[cur, flat[None, :, pos]], cur)
     table = np.broadcast_to(np.arange(states)[:, None], (states, V)).astype(np.int32).copy()
     table[:n] = cur
     return table
