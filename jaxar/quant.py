@@ -95,23 +95,46 @@ def _quantize_decode_layout(params: dict) -> dict:
             if name in p.get(group, {}):
                 p[group][name] = _quantize_linear(p[group][name], in_axes)
         layers.append(p)
-    out = {**params, "layers": tuple(layers)}
+    return {**_quantize_head(params), "layers": tuple(layers)}
+
+
+def quantize_params(params: dict, config: ModelConfig, layout: str = "decode") -> dict:
+    """Params with int8 weights (see the module docstring); done once, outside jit.
+
+    layout="decode" (default): the decode layout (`transformer.decode_params`), what generate and
+    speculative decoding run; from the stacked or the decode layout. layout="stacked": the stacked
+    (training) tree kept, each layer's kernels with their own scales ([L, *out]), for scoring without a
+    cache with `scan_layers=True`; decode_params later fuses it as it is. Quantized params are returned
+    as they are. Use them with `config.replace(weight_quant="int8")`.
+    """
+    from jaxar.models.transformer import decode_params, is_decode_layout
+
+    if layout == "decode":
+        return decode_params(params, config.replace(weight_quant="int8"))
+    if layout != "stacked":
+        raise ValueError(f"layout must be 'decode' or 'stacked', got {layout!r}")
+    if is_decode_layout(params):
+        raise ValueError("layout='stacked' needs stacked params (the training layout), got the decode layout")
+    return params if is_quantized(params) else _quantize_stacked(params)
+
+
+@jax.jit
+def _quantize_stacked(params: dict) -> dict:
+    layers = {k: dict(v) if isinstance(v, dict) else v for k, v in params["layers"].items()}
+    for (group, name), in_axes in _LAYER_LINEARS.items():
+        if name in layers.get(group, {}):
+            # [L, *in, *out]: the leading layer axis is a batch of kernels, each with its own scales
+            layers[group][name] = jax.vmap(lambda p, n=in_axes: _quantize_linear(p, n))(layers[group][name])
+    return {**_quantize_head(params), "layers": layers}
+
+
+def _quantize_head(params: dict) -> dict:
+    out = dict(params)
     table, scale = quantize_weight(params["embed"]["embedding"].T, in_axes=1)  # per row of [V, D]
     out["embed"] = {**params["embed"], "embedding": table.T, "embedding_scale": scale}
     if "lm_head" in params:
         out["lm_head"] = _quantize_linear(params["lm_head"], 1)
     return out
-
-
-def quantize_params(params: dict, config: ModelConfig) -> dict:
-    """Params in the decode layout with int8 weights (see the module docstring); done once, outside jit.
-
-    Accepts the stacked (training) layout or the decode layout; quantized params are returned as they are.
-    Use them with `config.replace(weight_quant="int8")` (the layout carries the quantization either way).
-    """
-    from jaxar.models.transformer import decode_params
-
-    return decode_params(params, config.replace(weight_quant="int8"))
 
 
 __all__ = ["dequantize_kv", "dequantize_weight", "is_quantized", "quantize_decode_layout", "quantize_kv",

@@ -103,17 +103,19 @@ def test_int8_kv_cache_logits_match_a_float64_reference_that_quantizes_keys_and_
     tokens = np.random.RandomState(2).randint(0, TINY.vocab_size, 20).astype(np.int32)
     ref = _numpy_logits(tiny_params, tokens, TINY, quantize_kv=True)
     ref_float = _numpy_logits(tiny_params, tokens, TINY, quantize_kv=False)
-    # cache of 256 slots: the chunked attention path (two 128-slot pieces), prefill 12 then 8 one by one
+    # cache of 256 slots: the chunked attention path (two 128-slot pieces); the second 10 tokens read the
+    # first 10 from the int8 cache (one compiled program for both calls)
     cache = KVCache.empty(cfg, 1, 256)
     assert cache.k[0].dtype == jnp.int8 and cache.k_scale[0].shape == (1, 256, TINY.num_kv_heads)
     p = decode_params(tiny_params, cfg)
-    logits, cache = forward(p, tokens[None, :12], config=cfg, cache=cache)
-    steps = [logits[0]]
-    for t in range(12, 20):
-        lg, cache = forward(p, tokens[None, t:t + 1], config=cfg, cache=cache)
-        steps.append(lg[0])
-    got = np.concatenate([np.asarray(s, np.float64) for s in steps])
+    first, cache = forward(p, tokens[None, :10], config=cfg, cache=cache)
+    second, cache = forward(p, tokens[None, 10:], config=cfg, cache=cache)
+    got = np.concatenate([np.asarray(first[0], np.float64), np.asarray(second[0], np.float64)])
     np.testing.assert_allclose(got, ref, rtol=0, atol=2e-4)
+    # stacked params with scan_layers=True score through the same int8 cache (the layers scanned)
+    scanned, _ = forward(tiny_params, tokens[None], config=cfg.replace(scan_layers=True),
+                         cache=KVCache.empty(cfg, 1, 256))
+    np.testing.assert_allclose(np.asarray(scanned[0], np.float64), ref, rtol=0, atol=2e-4)
     assert np.abs(ref - ref_float).max() > 50 * 2e-4  # the quantization is visible at this tolerance
 
 
@@ -149,6 +151,11 @@ def test_int8_weights_and_kv_greedy_tokens_equal_the_float64_reference_in_genera
     # float params with an int8 config are quantized by decode_params: the same program and tokens
     out = generate(tiny_params, prompts, lengths, config=cfg, max_new_tokens=10)
     np.testing.assert_array_equal(out.tokens, generate(q, prompts, lengths, config=cfg, max_new_tokens=10).tokens)
+    # stacked int8 params (per-layer scales) fuse into the very same int8 decode layout
+    stacked = quant.quantize_params(tiny_params, TINY, layout="stacked")
+    assert stacked["layers"]["attn"]["q_proj"]["kernel_scale"].shape == (TINY.n_layers, TINY.n_heads, 8)
+    np.testing.assert_array_equal(generate(stacked, prompts, lengths, config=cfg, max_new_tokens=10).tokens,
+                                  out.tokens)
     ref_params = _fake_quant_weights(tiny_params)
     changed = False
     for b in range(2):
@@ -217,14 +224,12 @@ def test_smollm2_int8_perplexity_within_one_percent_of_fp32(smollm2_jaxar, smoll
     with torch.no_grad():
         ref = float(torch.exp(smollm2_torch(torch.as_tensor(ids[None]).long(), labels=torch.as_tensor(
             ids[None]).long()).loss))
-    base = decode_params(params, config)
-    ppl = {
-        "int8 weights": cached_perplexity(quant.quantize_params(base, config), config.replace(weight_quant="int8"),
-                                          ids),
-        "int8 kv": cached_perplexity(base, config.replace(kv_cache_dtype="int8"), ids),
-    }
-    ppl["both"] = cached_perplexity(quant.quantize_params(base, config),
-                                    config.replace(weight_quant="int8", kv_cache_dtype="int8"), ids)
+    # stacked params, layers scanned (one layer to compile, not thirty); the int8 cache is read as in decoding
+    scan = config.replace(scan_layers=True)
+    q = quant.quantize_params(params, config, layout="stacked")
+    ppl = {"int8 weights": cached_perplexity(q, scan.replace(weight_quant="int8"), ids),
+           "int8 kv": cached_perplexity(params, scan.replace(kv_cache_dtype="int8"), ids),
+           "both": cached_perplexity(q, scan.replace(weight_quant="int8", kv_cache_dtype="int8"), ids)}
     print(f"\nSmolLM2 perplexity fp32 {ref:.4f}", {k: round(v, 4) for k, v in ppl.items()})
     for name, value in ppl.items():
         assert abs(value / ref - 1) < PPL_REL_BOUND, (name, value, ref)

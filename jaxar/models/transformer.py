@@ -171,12 +171,27 @@ def apply_model(config: ModelConfig, params: dict, tokens, inputs: AttentionInpu
     n = cfg.n_layers
 
     layers = params["layers"]
-    if cache_kv is not None or is_decode_layout(params) or not cfg.uses_scan():
+    parts = 0 if cache_kv is None else (4 if len(cache_kv) == 4 and len(cache_kv[2]) else 2)
+    if cache_kv is not None and cfg.scan_layers is True and not is_decode_layout(params):
+        # Scoring through a cache with stacked params and scan_layers=True: the layers scanned (one layer
+        # to compile), the per-layer buffers stacked for the scan and split again. Decoding uses the
+        # decode layout instead, which writes each layer's buffer in place.
+        def cached_body(x, p_and_cache):
+            p, layer_cache = p_and_cache
+            x, layer_cache = L.block(cfg, p, x, inputs, layer_cache, cond)
+            return x, (x if want else None, layer_cache)
+
+        stacked = tuple(jnp.stack(c) for c in cache_kv[:parts])
+        x, (ys, stacked) = jax.lax.scan(cached_body, x, (layers, stacked))
+        cache_kv = tuple(tuple(b[i] for i in range(n)) for b in stacked)
+        for i in want:
+            if 0 < i <= n:
+                collected[i] = ys[i - 1]
+    elif cache_kv is not None or is_decode_layout(params) or not cfg.uses_scan():
         per_layer = list(layers) if is_decode_layout(params) else _unstack(layers, n)
         step = lambda p, x: L.block(cfg, p, x, inputs, None, cond)[0]  # noqa: E731
         if cfg.remat != "none" and cache_kv is None:
             step = jax.checkpoint(step, policy=_remat_policy(cfg.remat))
-        parts = 0 if cache_kv is None else (4 if len(cache_kv) == 4 and len(cache_kv[2]) else 2)
         new_kv = [[] for _ in range(parts)]
         for i, p in enumerate(per_layer):
             if cache_kv is None:
@@ -284,15 +299,17 @@ def _decode_layout_jit(params: dict, *, config: ModelConfig, fuse: bool) -> dict
             attn = p["attn"]
             parts = [attn.pop(name) for name in ("q_proj", "k_proj", "v_proj")]
             fused = {"kernel": jnp.concatenate([q["kernel"].reshape(D, -1) for q in parts], axis=1)}
-            if "bias" in parts[0]:
-                fused["bias"] = jnp.concatenate([q["bias"].reshape(-1) for q in parts])
+            for name in ("bias", "kernel_scale"):  # kernel_scale: int8 stacked params (per output channel)
+                if name in parts[0]:
+                    fused[name] = jnp.concatenate([q[name].reshape(-1) for q in parts])
             attn["qkv_proj"] = fused
             if config.gated_mlp:
                 mlp = p["mlp"]
                 gate, up = mlp.pop("gate_proj"), mlp.pop("up_proj")
                 fused = {"kernel": jnp.concatenate([gate["kernel"], up["kernel"]], axis=1)}
-                if "bias" in gate:
-                    fused["bias"] = jnp.concatenate([gate["bias"], up["bias"]])
+                for name in ("bias", "kernel_scale"):
+                    if name in gate:
+                        fused[name] = jnp.concatenate([gate[name], up[name]])
                 mlp["gate_up_proj"] = fused
         out_layers.append(p)
     return {**params, "layers": tuple(out_layers)}
