@@ -57,7 +57,6 @@ SCRIPT = textwrap.dedent("""
     sp, sd = parallel.shard_params(params, cfg, mesh), parallel.shard_params(dparams, dcfg, mesh)
     layer = sp["layers"][0]
     kw = dict(config=cfg, max_new_tokens=N, num_draft=3, draft_params=sd, draft_config=dcfg)
-    _, cache = forward(sp, prompts, config=cfg, cache=KVCache.empty(cfg, 8, 64), num_new=lengths)
     res["dt"] = {
         "greedy": tok(generate(sp, prompts, lengths, config=cfg, max_new_tokens=N)),
         "sampled": tok(generate(sp, prompts, lengths, config=cfg, max_new_tokens=N, sampling=sampled, seed=7)),
@@ -67,19 +66,16 @@ SCRIPT = textwrap.dedent("""
         "specs": {"q": spec(layer["attn"]["q_proj"]["kernel"]), "o": spec(layer["attn"]["o_proj"]["kernel"]),
                   "up": spec(layer["mlp"]["up_proj"]["kernel"]), "down": spec(layer["mlp"]["down_proj"]["kernel"]),
                   "embed": spec(sp["embed"]["embedding"]), "lm_head": spec(sp["lm_head"]["kernel"]),
-                  "cache": spec(cache.k[0]), "lengths": spec(cache.lengths),
-                  "q_shard": list(layer["attn"]["q_proj"]["kernel"].addressable_shards[0].data.shape),
-                  "cache_shard": list(cache.k[0].addressable_shards[0].data.shape)},
+                  "q_shard": list(layer["attn"]["q_proj"]["kernel"].addressable_shards[0].data.shape)},
         "fused": "qkv_proj" in layer["attn"]}
     lap("data=2 tensor=4")
 
-    # data=8: params replicated (and fused), the batch and the cache split eight ways
+    # data=8: params replicated and fused (the batch split eight ways; the cache spec is checked directly)
     mesh = make_mesh({"data": 8})
     sp = parallel.shard_params(params, cfg, mesh)
-    res["d8"] = {"greedy": tok(generate(sp, prompts, lengths, config=cfg, max_new_tokens=N)),
+    res["d8"] = {"cache": spec(parallel.shard_cache(KVCache.empty(cfg, 8, 64), mesh).k[0]),
                  "fused": "qkv_proj" in sp["layers"][0]["attn"], "embed": spec(sp["embed"]["embedding"]),
                  "qkv": spec(sp["layers"][0]["attn"]["qkv_proj"]["kernel"])}
-    lap("data=8")
 
     # data=2 x fsdp=2 x tensor=2 with int8 weights and an int8 cache
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
@@ -87,6 +83,7 @@ SCRIPT = textwrap.dedent("""
     _, cache = forward(sp, prompts, config=q8, cache=KVCache.empty(q8, 8, 64), num_new=lengths)
     q = sp["layers"][0]["attn"]["q_proj"]
     res["dft8"] = {"int8": tok(generate(sp, prompts, lengths, config=q8, max_new_tokens=N)),
+                   "lengths": spec(cache.lengths), "cache_shard": list(cache.k[0].addressable_shards[0].data.shape),
                    "q": spec(q["kernel"]), "q_dtype": str(q["kernel"].dtype), "q_scale": spec(q["kernel_scale"]),
                    "cache": spec(cache.k[0]), "cache_dtype": str(cache.k[0].dtype), "k_scale": spec(cache.k_scale[0])}
     lap("data=2 fsdp=2 tensor=2 int8")
@@ -113,15 +110,14 @@ def test_generate_and_speculative_over_meshes_of_eight_devices_match_one_device(
     assert s["up"] == [None, 'tensor'] and s["down"] == ['tensor', None]
     assert s["embed"] == ['tensor', None] and s["lm_head"] == [None, 'tensor']
     assert s["q_shard"] == [32, 1, 8]  # 4 heads over 4 devices
-    # the cache (built unsplit, constrained inside forward): batch over data, kv heads over tensor
-    assert s["cache"] == ['data', None, 'tensor', None] and s["lengths"] == ['data']
-    assert s["cache_shard"] == [4, 64, 1, 8]
-    # data=8: replicated, fused params; the batch split eight ways
-    assert d8["greedy"] == one["greedy"] and d8["fused"]
-    assert d8["qkv"] == [None, None] and d8["embed"] == [None, None]
+    # data=8: replicated, fused params; the cache split by batch eight ways
+    assert d8["fused"] and d8["qkv"] == [None, None] and d8["embed"] == [None, None]
+    assert d8["cache"] == ['data', None, None, None]
     # data x fsdp x tensor with int8 weights and cache: the one-device int8 tokens, int8 shards
     assert dft8["int8"] == one["int8"]
     assert dft8["q"] == ['fsdp', 'tensor', None] and dft8["q_dtype"] == "int8"
     assert dft8["q_scale"] == ['tensor', None]
     assert dft8["cache"] == [['data', 'fsdp'], None, 'tensor', None] and dft8["cache_dtype"] == "int8"
     assert dft8["k_scale"] == [['data', 'fsdp'], None, 'tensor']
+    # that cache was built unsplit: forward constrained it (batch over data x fsdp, kv heads over tensor)
+    assert dft8["lengths"] == [['data', 'fsdp']] and dft8["cache_shard"] == [2, 64, 2, 8]
