@@ -115,6 +115,26 @@ def test_packing_matches_reference(seq_len):
     assert sum(int(r["loss_mask"].sum()) for r in got) == sum(len(d) - 1 for d in docs_ids)
 
 
+def test_packing_carries_the_per_token_loss_mask():
+    # Pieces with a targets mask (chat: 1 on assistant tokens): pair i of a piece carries mask[i + 1],
+    # across row splits too; everything else is packed as without a mask.
+    rng = np.random.default_rng(0)
+    docs_ids = [byte_doc(d) for d in DOCS]
+    masks = [rng.integers(0, 2, len(ids)).astype(np.int32) for ids in docs_ids]
+    pieces = [{"ids": np.asarray(ids, np.int32), "targets_mask": m} for ids, m in zip(docs_ids, masks)]
+    for seq_len in (7, 16):
+        got = pack_token_arrays(pieces, seq_len)
+        want = reference_pack(docs_ids, seq_len)
+        flat_mask = [int(v) for m in masks for v in m[1:]]
+        assert len(got) == len(want)
+        for r, (g, w) in enumerate(zip(got, want)):
+            for k in ("tokens", "targets", "segment_ids", "positions"):
+                np.testing.assert_array_equal(g[k], w[k], err_msg=k)
+            n = int((np.asarray(w["segment_ids"]) > 0).sum())
+            np.testing.assert_array_equal(g["loss_mask"][:n], flat_mask[r * seq_len:r * seq_len + n])
+            assert not g["loss_mask"][n:].any()
+
+
 def test_packed_targets_are_next_tokens_of_the_same_document():
     # Rebuild the documents from the packed rows alone: within a segment each
     # target is the next input; a chunk that continues a document (the last

@@ -171,7 +171,7 @@ def test_damaged_checkpoint_is_reported_in_one_line_and_lora_resume_is_exact(lor
     [w] = [w for w in caught if "damaged" in str(w.message)]
     text = str(w.message)
     assert "\n" not in text and len(text) < 400
-    assert f"checkpoint step {STEPS} " in text and "loading step 3" in text
+    assert f"checkpoint step {STEPS} " in text and "(lora/" in text and text.endswith("loading step 3")
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -181,7 +181,7 @@ def test_damaged_checkpoint_is_reported_in_one_line_and_lora_resume_is_exact(lor
     text = damaged[0]
     assert "\n" not in text and len(text) < 400
     assert text.startswith(f"checkpoint step {STEPS} in ") and text.endswith("resuming from step 3")
-    assert "(lora" in text  # what is wrong: the adapters item
+    assert "(lora/" in text and "checksum" in text  # what is wrong: an adapter array fails its checksum
     # The resumed LoRA run replays steps 4..6 exactly (adapters, optimizer and data position restored).
     assert sorted(resumed.losses) == list(range(4, STEPS + 1))
     assert all(resumed.losses[s] == result.losses[s] for s in resumed.losses)

@@ -27,6 +27,9 @@ _EXPORTS = {
     "train": "jaxar.train.trainer",
     "make_mesh": "jaxar.train.sharding",
     "initialize_distributed": "jaxar.train.sharding",
+    "LoraConfig": "jaxar.train.lora",
+    "export_model": "jaxar.train.trainer",
+    "describe_damage": "jaxar.train.checkpoint",
     "find_checkpoint": "jaxar.train.checkpoint",
     "load_for_inference": "jaxar.train.checkpoint",
 }

@@ -107,12 +107,16 @@ def verify_checksums(tree, expected: dict, what: str) -> None:
 _MAX_REASON_CHARS = 200
 
 
-def describe_damage(error: BaseException) -> str:
+def describe_damage(error: BaseException, item: Optional[str] = None) -> str:
     """One line saying what is wrong with a checkpoint, from whatever orbax / TensorStore raised.
 
-    Their messages run over many lines (specs, source locations, nested causes);
-    this keeps the first line, without the `[source locations=...]` and
-    `tensorstore_spec=...` parts, at most _MAX_REASON_CHARS characters.
+    Their messages run over many lines and kilobytes (specs, source locations,
+    a chain of "while doing X: while doing Y: cause"). This keeps the first
+    line without the `[tensorstore_spec=...]` / `[source locations=...]` parts;
+    a TensorStore read error becomes "<item>/<array>: <STATUS>: ... <the last
+    three clauses>" (e.g. "params/embed.embedding: DATA_LOSS: ... Error decoding
+    b-tree node: CRC-32C checksum verification failed: expected=..."); at most
+    _MAX_REASON_CHARS characters.
     """
     if isinstance(error, CheckpointError):
         text = str(error)
@@ -120,13 +124,60 @@ def describe_damage(error: BaseException) -> str:
         text = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     line = lines[0] if lines else type(error).__name__
-    line = re.sub(r"\s*\[source locations=.*?\]", "", line)
-    line = re.sub(r"\s*\[tensorstore_spec=.*", "", line)
+    line = re.sub(r"\s*\[(source locations|tensorstore_spec[^=]*)=.*?(\]|$)", "", line)
     line = re.sub(r"\s*tensorstore_spec=.*", "", line)
     line = re.sub(r"\s+", " ", line).strip()
+    array = re.search(r'Error reading "([^"]+?)/\.z', line)
+    status = re.search(r"\b([A-Z][A-Z_]{3,}): ", line)
+    if array and status:
+        parts = line.split(": ")
+        line = f"{array.group(1)}: {status.group(1)}: ... " + ": ".join(parts[-3:])
+    if item:
+        line = f"{item}/{line}" if array and status else f"{item}: {line}"
     if len(line) > _MAX_REASON_CHARS:
         line = line[: _MAX_REASON_CHARS - 3].rstrip() + "..."
     return line
+
+
+class _QuietFailedReads:
+    """Keeps what a failed orbax read leaves behind off stderr, so that the damage is reported in one line.
+
+    When one array of a restore fails, orbax's other asyncio read tasks end with
+    the same TensorStore error (dozens of lines each) that nobody retrieves:
+    asyncio logs "Task exception was never retrieved" when they are collected,
+    and tasks whose event loop is already closed raise "Event loop is closed"
+    into sys.unraisablehook. Inside this context those records are dropped; on
+    exit the garbage is collected so that it happens here, not later.
+    """
+
+    _DROPPED = ("Task exception was never retrieved", "Future exception was never retrieved")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self._DROPPED)
+
+    def __enter__(self):
+        import sys
+
+        self._logger = logging.getLogger("asyncio")
+        self._logger.addFilter(self)
+        self._hook = sys.unraisablehook
+
+        def hook(unraisable):
+            if isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value):
+                return
+            self._hook(unraisable)
+
+        sys.unraisablehook = hook
+        return self
+
+    def __exit__(self, *exc):
+        import gc
+        import sys
+
+        gc.collect()
+        sys.unraisablehook = self._hook
+        self._logger.removeFilter(self)
+        return False
 
 
 # ---------------------------------------------------------------------------
@@ -228,11 +279,13 @@ def _lora_config(run: dict):
 def load_params(step_dir: str, *, verify: bool = True) -> Tuple[ModelConfig, dict]:
     """(model config, params on the default device) of one step directory, LoRA adapters merged;
     raises CheckpointError."""
+    reading = None  # the item being read, to name it in the error
     try:
         run = read_run_config(step_dir)
         config = ModelConfig.from_dict(run["model"])
         meta = read_json_item(step_dir, "meta")
         abstract = _abstract_params(config)
+        reading = "params"
         params = _restore_item(step_dir, "params", abstract)
         lora = _lora_config(run)
         adapters = None
@@ -243,11 +296,12 @@ def load_params(step_dir: str, *, verify: bool = True) -> Tuple[ModelConfig, dic
             sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
             abstract_adapters = jax.tree_util.tree_map(
                 lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), abstract_adapters)
+            reading = "lora"
             adapters = _restore_item(step_dir, "lora", abstract_adapters)
     except CheckpointError:
         raise
     except Exception as e:  # noqa: BLE001 - orbax / tensorstore raise many kinds
-        raise CheckpointError(describe_damage(e)) from e
+        raise CheckpointError(describe_damage(e, reading)) from e
     if verify:
         verify_checksums(params, meta["checksums"]["params"], "params")
         if adapters is not None:
@@ -274,7 +328,8 @@ def load_for_inference(found: str) -> Tuple[ModelConfig, dict]:
     damaged = []  # (step, reason) not yet reported
     for step in [first] + [s for s in reversed(list_steps(directory)) if s < first]:
         try:
-            loaded = load_params(os.path.join(directory, str(step)))
+            with _QuietFailedReads():
+                loaded = load_params(os.path.join(directory, str(step)))
         except CheckpointError as e:
             damaged.append((step, describe_damage(e)))
             errors.append(f"step {step}: {describe_damage(e)}")
@@ -399,10 +454,11 @@ class RunCheckpointer:
                              opt_state=ocp.args.StandardRestore(abstract_opt_item))
                 if abstract_lora is not None:
                     items["lora"] = ocp.args.StandardRestore(abstract_lora)
-                try:
-                    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-                except Exception as e:  # noqa: BLE001 - name the item that does not read
-                    raise CheckpointError(self._unreadable_item(step, items, e)) from e
+                with _QuietFailedReads():
+                    try:
+                        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+                    except Exception as e:  # noqa: BLE001 - name the item that does not read
+                        raise CheckpointError(self._unreadable_item(step, items, e)) from e
                 params, opt_item = restored["params"], restored["opt_state"]
                 verify_checksums(params, meta["checksums"]["params"], "params")
                 adapters = None
@@ -432,7 +488,7 @@ class RunCheckpointer:
             try:
                 self.manager.restore(step, args=self._ocp.args.Composite(**{name: arg}))
             except Exception as e:  # noqa: BLE001
-                return f"{name}: {describe_damage(e)}"
+                return describe_damage(e, name)
         return describe_damage(error)
 
     def _read_data_state(self, step_dir: str, meta: dict) -> Optional[dict]:

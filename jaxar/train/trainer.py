@@ -699,6 +699,8 @@ def train(run_config: RunConfig, *, force: bool = False, devices: Optional[Seque
     step_sleep = float(os.environ.get(_STEP_SLEEP_ENV, "0") or 0)
     try:
         with _Preemption() as preemption:
+            if restored is None and run_config.init_from is not None and train_cfg.eval_every:
+                evaluate_and_record(0)  # the pretrained model's validation loss, to compare against
             while step < end_step:
                 local = next(data_iter)
                 state, metrics = fns.train_step(state, shd.global_batch(local, mesh))
@@ -805,6 +807,14 @@ def export_model(model: ModelConfig, params, export_dir: str, *, tokenizer=None,
                 src = os.path.join(chat_source, name)
                 if os.path.isfile(src) and not os.path.exists(os.path.join(export_dir, name)):
                     shutil.copy(src, os.path.join(export_dir, name))
+        template_path = os.path.join(export_dir, "chat_template.jinja")
+        if tokenizer is not None and not os.path.exists(template_path):  # e.g. a GGUF's template
+            from jaxar.chat import find_chat_template
+
+            source = find_chat_template(None, tokenizer)
+            if source:
+                with open(template_path, "w") as f:
+                    f.write(source)
     _barrier("jaxar_after_export")
     return export_dir
 
