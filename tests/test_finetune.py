@@ -298,3 +298,24 @@ def test_chat_records_are_checked(tmp_path):
     path.write_text(json.dumps({"messages": [{"role": "user"}]}) + "\n")
     with pytest.raises(DataError, match=r"bad.jsonl:1: message 0 must be an object with string"):
         load_documents(DataConfig(source=str(path)))
+
+
+def test_init_from_a_gguf_file_reads_its_config_and_tokenizer(smollm2_gguf, smollm2_hf_dir, tmp_path):
+    sft = os.path.join(ROOT, "configs", "smollm2-sft.yaml")
+    from_gguf = load_run_config(sft, [f"run_dir={tmp_path / 'r'}", f"init_from={smollm2_gguf}"])
+    from_hf = load_run_config(sft, [f"run_dir={tmp_path / 'r'}", f"init_from={smollm2_hf_dir}"])
+    assert from_gguf.model == from_hf.model and from_gguf.model.n_layers == 30
+    assert from_gguf.data.tokenizer == smollm2_gguf and from_gguf.lora.rank == 8
+
+
+def test_train_cli_reports_init_from_problems_in_one_line(tiny_hf_dir, tmp_path, capsys):
+    import train as train_cli
+
+    base = ["--config", TINY, f"run_dir={tmp_path / 'r'}", "data.tokenizer=byte"]
+    assert train_cli.main(base + [f"init_from={tmp_path / 'missing'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("train.py: error: init_from=") and "\n" not in err
+    assert train_cli.main(base + [f"init_from={tiny_hf_dir}", "model.n_layers=4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("train.py: error: model.n_layers=4 conflicts with the init_from checkpoint")
+    assert "\n" not in err
