@@ -15,7 +15,8 @@ jit sees it as static structure): every `forward` on those params, hence
 constrains the tokens to be split by batch over (`data`, `fsdp`) and the KV
 cache to be split by batch over (`data`, `fsdp`) and by kv head over `tensor`
 (each where it divides). Nothing else changes: the same jitted programs run,
-XLA inserts the collectives.
+XLA inserts the collectives. A draft model for speculative decoding must be
+placed on the same mesh (`shard_params(draft_params, draft_config, mesh)`).
 
 Fusing q|k|v and gate|up into one kernel (`transformer.decode_params`) is
 done only when the mesh has no tensor axis (size 1): a fused kernel split
@@ -192,5 +193,17 @@ def placement_of(params) -> Optional[MeshPlacement]:
     return params.get("placement") if isinstance(params, dict) else None
 
 
-__all__ = ["MeshPlacement", "batch_axes", "cache_specs", "decode_logical_axes", "param_specs", "placement_of",
+def check_same_mesh(params, draft_params, what: str = "draft_params") -> None:
+    """A one-line error when the target and the draft model's params are not placed on the same mesh."""
+    if not (isinstance(draft_params, dict) and "embed" in draft_params):
+        return  # not a model's params (another drafter's state)
+    target, draft = placement_of(params), placement_of(draft_params)
+    if (target is None) == (draft is None) and (target is None or target.mesh == draft.mesh):
+        return
+    where = lambda p: "one device" if p is None else f"the mesh {dict(p.mesh.shape)}"  # noqa: E731
+    raise ValueError(f"the target params are on {where(target)} but {what} are on {where(draft)}; place both with "
+                     "jaxar.parallel.shard_params(..., mesh) on the same mesh (or neither)")
+
+
+__all__ = ["MeshPlacement", "check_same_mesh", "batch_axes", "cache_specs", "decode_logical_axes", "param_specs", "placement_of",
            "shard_cache", "shard_params"]

@@ -8,7 +8,11 @@ per output channel, `scale = max |w| over the input axes / 127`,
 
 and `layers.linear` computes `(x @ kernel.astype(dtype)) * kernel_scale`: the
 scale is applied after the dot, so the matmul reads the int8 buffer and the
-dequantized matrix is never materialised. Quantized: every attention and MLP
+dequantized matrix need not be materialised. Whether it is depends on the
+backend's fusion: XLA:CPU (jax 0.10) converts the int8 kernel into a float
+buffer before its dot (checked in the optimized HLO), so on CPU int8 weights
+save memory at rest but not bandwidth per step; XLA:GPU can fuse the convert
+into the Triton GEMM (not measured here). Quantized: every attention and MLP
 kernel (fused or not), `lm_head/kernel`, and the embedding table per row
 (`embed/embedding_scale [V]`): a row is both an input embedding
 (`table[token] * scale[token]`) and, with tied embeddings, one output channel

@@ -68,6 +68,10 @@ SCRIPT = textwrap.dedent("""
                   "embed": spec(sp["embed"]["embedding"]), "lm_head": spec(sp["lm_head"]["kernel"]),
                   "q_shard": list(layer["attn"]["q_proj"]["kernel"].addressable_shards[0].data.shape)},
         "fused": "qkv_proj" in layer["attn"]}
+    try:  # a draft model left on one device: a one-line error before anything compiles
+        speculative_generate(sp, prompts, lengths, **dict(kw, draft_params=dparams))
+    except ValueError as e:
+        res["dt"]["mixed_error"] = str(e)
     lap("data=2 tensor=4")
 
     # data=8: params replicated and fused (the batch split eight ways; the cache spec is checked directly)
@@ -105,6 +109,7 @@ def test_generate_and_speculative_over_meshes_of_eight_devices_match_one_device(
     assert dt["spec_model"] == one["greedy"] and dt["spec_ngram"] == one["greedy"]  # greedy speculative == greedy
     assert one["sampled"] != one["greedy"]
     s = dt["specs"]
+    assert "draft_params are on one device" in dt["mixed_error"] and "shard_params" in dt["mixed_error"]
     assert not dt["fused"]  # q / k / v stay separate, each split by heads
     assert s["q"] == [None, 'tensor', None] and s["o"] == ['tensor', None, None]
     assert s["up"] == [None, 'tensor'] and s["down"] == ['tensor', None]

@@ -41,6 +41,7 @@ from jaxar.decode.generate import (check_context, check_request, clipped_positio
 from jaxar.decode.loop import StepOutput
 from jaxar.decode.sampling import Sampling, SamplingConfig, SamplingParams, probabilities, row_keys
 from jaxar.models.transformer import forward
+from jaxar.parallel import check_same_mesh
 
 
 class SpeculativeOutput(NamedTuple):
@@ -91,6 +92,7 @@ def speculative_generate(params, prompts, lengths, *, config: ModelConfig, max_n
     drafter, drafter_params = drafters.make(draft, num_draft=num_draft, target_config=config,
                                             draft_params=draft_params, draft_config=draft_config, ngram=ngram)
     B = prompts.shape[0]
+    check_same_mesh(params, drafter_params)
     if np.any(np.asarray(sampling.repetition_penalty) != 1.0):
         raise ValueError("speculative decoding does not support repetition_penalty yet; use generate()")
     check_context(config, lengths, budgets)
