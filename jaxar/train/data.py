@@ -57,7 +57,6 @@ iterator would.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
 import glob as _glob
