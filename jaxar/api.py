@@ -23,7 +23,8 @@ def _is_hf_dir(path: str) -> bool:
 
 
 def from_pretrained(path: str, *, dtype: Optional[str] = None, attention_backend: Optional[str] = None,
-                    progress: Optional[bool] = None) -> Tuple[ModelConfig, dict]:
+                    progress: Optional[bool] = None, mesh=None, weight_quant: Optional[str] = None,
+                    kv_cache_dtype: Optional[str] = None) -> Tuple[ModelConfig, dict]:
     """Load `(config, params)` from a Hugging Face model directory, a GGUF file or a jaxar run / checkpoint directory.
 
     Hugging Face: config.json plus model.safetensors or a sharded
@@ -34,6 +35,13 @@ def from_pretrained(path: str, *, dtype: Optional[str] = None, attention_backend
     `save_pretrained`. `dtype` casts params and sets the compute dtype (e.g. "bfloat16").
     `progress`: a tqdm bar on stderr while a GGUF file is dequantized (default: for files of
     100 tensors or more).
+
+    `weight_quant` ("none" | "int8") and `kv_cache_dtype` ("auto" | "int8" | a float dtype) set the
+    inference quantization switches of the config (`jaxar.quant`; applied when the params enter the
+    decode layout). `mesh`: a `jax.sharding.Mesh` (`jaxar.train.sharding.make_mesh`, axes data /
+    fsdp / tensor): the params come back in the decode layout, placed with training's logical-axis
+    rules (`jaxar.parallel.shard_params`), ready for `generate` / `speculative_generate` over the
+    mesh; without it they are the plain (training) layout on the default device.
     """
     path = os.path.expanduser(str(path))
     from jaxar.convert import gguf
@@ -74,9 +82,19 @@ def from_pretrained(path: str, *, dtype: Optional[str] = None, attention_backend
         changes.update(dtype=dtype, param_dtype=dtype)
     if attention_backend is not None:
         changes["attention_backend"] = attention_backend
+    if weight_quant is not None:
+        changes["weight_quant"] = weight_quant
+    if kv_cache_dtype is not None:
+        changes["kv_cache_dtype"] = kv_cache_dtype
     if changes:
         config = config.replace(**changes)
     target = jnp.dtype(config.param_dtype)
+    if mesh is not None:
+        from jaxar.parallel import shard_params
+
+        # Cast on the host; shard_params puts each leaf straight onto its shards.
+        params = jax.tree_util.tree_map(lambda x: np.asarray(x).astype(target), params)
+        return config, shard_params(params, config, mesh)
     params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype=target), params)
     return config, params
 

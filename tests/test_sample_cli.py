@@ -397,3 +397,26 @@ def test_token_bytes_of_a_byte_level_bpe_are_what_decode_gives(smollm2_hf_dir):
         ids = [int(i) for i in rng.integers(0, tok.vocab_size, size=12)]
         assert b"".join(pieces[i] for i in ids).decode("utf-8", errors="replace") == tok.decode(ids)
     assert pieces[tok.token_to_id("<|im_end|>")] == b""  # special tokens add no text
+
+
+def test_quantization_flags_equal_generate_with_the_quantized_config(model_dir, tmp_path, capsys):
+    stats = tmp_path / "stats.json"
+    code, rows, _ = _run(["--model", model_dir, "--prompt", "Hello", "--prompt", "ab", "--temperature", "0",
+                          "--max-new-tokens", "6", "--weight-quant", "int8", "--kv-cache-dtype", "int8",
+                          "--stats", str(stats)], capsys)
+    assert code == 0
+    s = json.loads(stats.read_text())
+    assert (s["weight_quant"], s["kv_cache_dtype"], s["mesh"]) == ("int8", "int8", None)
+    config, params = jaxar.from_pretrained(model_dir, weight_quant="int8", kv_cache_dtype="int8")
+    assert config.weight_quant == "int8" and config.kv_cache_dtype == "int8"
+    t, l_ = pad_prompts([ByteTokenizer().encode("Hello"), ByteTokenizer().encode("ab")])
+    ref = generate(params, t, l_, config=config, max_new_tokens=6)
+    for j, row in enumerate(rows):
+        assert row["tokens"] == [int(x) for x in ref.tokens[j, : int(ref.num_tokens[j])]]
+
+
+@pytest.mark.parametrize("mesh,message", [("data=2,tensor=4", "devices"), ("pipeline=2", "axis=size pairs"),
+                                          ("data=x", "not an integer")])
+def test_bad_mesh_flag_is_one_line(model_dir, capsys, mesh, message):
+    code, _, err = _run(["--model", model_dir, "--prompt", "a", "--mesh", mesh], capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1

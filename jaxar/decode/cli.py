@@ -76,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "PUCT draft search), or any other drafter registered in jaxar/decode/drafters/")
     p.add_argument("--num-draft", type=int, default=4, help="draft tokens per speculative round")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    p.add_argument("--weight-quant", choices=["none", "int8"], default=None,
+                   help="int8: weight-only int8 with a float scale per output channel (default: the model's)")
+    p.add_argument("--kv-cache-dtype", choices=["auto", "int8", "float32", "bfloat16"], default=None,
+                   help="KV cache storage; int8: one float scale per slot and kv head (default: auto = --dtype)")
+    p.add_argument("--mesh", help="run over a device mesh, e.g. 'data=2,tensor=4' (axes data, fsdp, tensor; -1: "
+                   "the remaining devices); params placed with the training sharding rules")
     p.add_argument("--output", help="output JSONL (default: stdout)")
     p.add_argument("--stats", help="write speed statistics as JSON to this file")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -183,7 +189,29 @@ def read_prompts(args) -> List[dict]:
     return rows
 
 
-def _load_model(path: str, dtype, progress: Optional[bool] = None):
+def _parse_mesh(text: Optional[str]):
+    if not text:
+        return None
+    sizes = {}
+    for part in text.split(","):
+        name, eq, value = part.partition("=")
+        name = name.strip()
+        if not eq or name not in ("data", "fsdp", "tensor"):
+            raise UsageError(f"--mesh {text}: use axis=size pairs over data, fsdp, tensor, e.g. 'data=2,tensor=4'")
+        try:
+            sizes[name] = int(value)
+        except ValueError:
+            raise UsageError(f"--mesh {text}: {name}={value!r} is not an integer") from None
+    from jaxar.train.sharding import make_mesh
+
+    try:
+        return make_mesh(sizes)
+    except ValueError as e:
+        raise UsageError(f"--mesh {text}: {e}") from None
+
+
+def _load_model(path: str, dtype, progress: Optional[bool] = None, *, weight_quant=None, kv_cache_dtype=None,
+                mesh=None):
     import jaxar
     from jaxar.config import ConfigError
     from jaxar.convert.hf import CheckpointError
@@ -194,9 +222,12 @@ def _load_model(path: str, dtype, progress: Optional[bool] = None):
     if not os.access(path, os.R_OK | (0 if is_gguf else os.X_OK)):
         raise UsageError(f"--model {path}: {'file' if is_gguf else 'directory'} is not readable")
     try:
-        config, params = jaxar.from_pretrained(path, dtype=dtype, progress=progress)
+        config, params = jaxar.from_pretrained(path, dtype=dtype, progress=progress, weight_quant=weight_quant,
+                                               kv_cache_dtype=kv_cache_dtype, mesh=mesh)
     except (FileNotFoundError, ConfigError, CheckpointError, PermissionError, ValueError) as e:
         raise UsageError(f"--model {path}: {e}") from None
+    if mesh is not None:
+        return config, params  # already in the decode layout, placed on the mesh
     from jaxar.models.transformer import decode_params
 
     # Once per run, not per batch: the layers unstacked, q|k|v and gate|up fused.
@@ -455,7 +486,9 @@ def _generate_all(args, rows, stdout) -> int:
     from jaxar.decode import drafters
     from jaxar.decode.speculative import speculative_generate
 
-    config, params = _load_model(args.model, args.dtype, progress=False if args.no_progress else None)
+    mesh = _parse_mesh(args.mesh)
+    quant = dict(weight_quant=args.weight_quant, kv_cache_dtype=args.kv_cache_dtype, mesh=mesh)
+    config, params = _load_model(args.model, args.dtype, progress=False if args.no_progress else None, **quant)
     tokenizer = _load_tokenizer(args.model)
     draft_kw = None
     if args.draft == "model":
@@ -463,7 +496,8 @@ def _generate_all(args, rows, stdout) -> int:
     if args.draft and args.draft in drafters.names() and not os.path.isdir(args.draft):
         draft_kw = dict(draft=args.draft)
     elif args.draft:
-        draft_config, draft_params = _load_model(args.draft, args.dtype, progress=False if args.no_progress else None)
+        draft_config, draft_params = _load_model(args.draft, args.dtype, progress=False if args.no_progress else None,
+                                                 **quant)
         if draft_config.vocab_size != config.vocab_size:
             raise UsageError(f"--draft {args.draft}: vocabulary of {draft_config.vocab_size} differs from the "
                              f"model's {config.vocab_size}; the draft must share the tokenizer")
@@ -506,7 +540,9 @@ def _generate_all(args, rows, stdout) -> int:
         raise UsageError(f"--stream prints text and needs the model's tokenizer; {args.model} has none")
     out_f = open(args.output, "w", encoding="utf-8") if args.output else (None if args.stream else stdout)
     stats = {"prompts": len(ids), "samples_per_prompt": n_samples, "generated_tokens": 0,
-             "prefill_tokens": sum(map(len, all_ids)), "wall_s": 0.0, "compile_and_first_batch_s": None}
+             "prefill_tokens": sum(map(len, all_ids)), "wall_s": 0.0, "compile_and_first_batch_s": None,
+             "dtype": config.dtype, "weight_quant": config.weight_quant, "kv_cache_dtype": config.cache_dtype,
+             "mesh": dict(mesh.shape) if mesh is not None else None}
     t_start = time.perf_counter()
     try:
         batches = range(0, len(all_ids), args.batch_size)
