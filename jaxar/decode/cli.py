@@ -189,6 +189,15 @@ def read_prompts(args) -> List[dict]:
     return rows
 
 
+def _resolve(path: str, flag: str) -> str:
+    from jaxar.api import resolve_model_path
+
+    try:
+        return resolve_model_path(path)
+    except FileNotFoundError as e:
+        raise UsageError(f"{flag} {path}: {e}") from None
+
+
 def _parse_mesh(text: Optional[str]):
     if not text:
         return None
@@ -271,6 +280,7 @@ def run(argv: Optional[List[str]] = None, stdout=None) -> int:
     args = build_parser().parse_args(argv)
     stdout = stdout or sys.stdout
     try:
+        args.model = _resolve(args.model, "--model")
         _check_flags(args)
         rows = read_prompts(args)
         return _generate_all(args, rows, stdout)

@@ -354,7 +354,12 @@ def build_run_config(raw: dict, *, tokenizer=None) -> RunConfig:
         if not isinstance(init_from, str) or not init_from:
             raise ConfigError(f"init_from={init_from!r} must be a path (a Hugging Face directory, a .gguf file "
                               "or a jaxar run directory)")
-        init_from = os.path.expanduser(init_from)
+        from jaxar.api import resolve_model_path  # a bundled model's name ("smollm2") reads its packaged file
+
+        try:
+            init_from = resolve_model_path(init_from)
+        except FileNotFoundError as e:
+            raise ConfigError(f"init_from={init_from!r}: {e}") from None
     lora = LoraConfig(**_coerce_section("lora", dict(raw.get("lora") or {}), LoraConfig))
     lora.validate()
 
