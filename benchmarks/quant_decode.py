@@ -153,7 +153,7 @@ def main():
     for name, (cfg, dtype) in variants(config).items():
         p = decode_params(jax.tree_util.tree_map(lambda x: x.astype(dtype), params), cfg)  # once, as sample.py does
         weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(p))
-        kv_item = 1 + 8 / cfg.dim_per_head if cfg.cache_dtype == "int8" else jnp.dtype(cfg.cache_dtype).itemsize
+        kv_item = 1 + 4 / cfg.dim_per_head if cfg.cache_dtype == "int8" else jnp.dtype(cfg.cache_dtype).itemsize
         row = {"variant": name, "weight_mb": weight_bytes / 1e6,
                "kv_bytes_per_token": 2 * cfg.n_layers * cfg.num_kv_heads * cfg.dim_per_head * kv_item,
                "perplexity": perplexity(p, cfg, text_ids)}

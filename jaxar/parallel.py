@@ -205,5 +205,5 @@ def check_same_mesh(params, draft_params, what: str = "draft_params") -> None:
                      "jaxar.parallel.shard_params(..., mesh) on the same mesh (or neither)")
 
 
-__all__ = ["MeshPlacement", "check_same_mesh", "batch_axes", "cache_specs", "decode_logical_axes", "param_specs", "placement_of",
-           "shard_cache", "shard_params"]
+__all__ = ["MeshPlacement", "batch_axes", "cache_specs", "check_same_mesh", "decode_logical_axes", "param_specs",
+           "placement_of", "shard_cache", "shard_params"]
