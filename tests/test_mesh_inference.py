@@ -74,6 +74,24 @@ SCRIPT = textwrap.dedent("""
         res["dt"]["mixed_error"] = str(e)
     lap("data=2 tensor=4")
 
+    # the same mesh from a saved model: from_pretrained(mesh=) and sample.py --mesh (the programs above, reused)
+    import io, tempfile
+    import jaxar
+    from jaxar.decode.cli import run
+    saved = tempfile.mkdtemp() + "/m"
+    jaxar.save_pretrained(cfg, params, saved)
+    _, fp = jaxar.from_pretrained(saved, mesh=mesh)
+    rows = tempfile.mkdtemp() + "/p.jsonl"
+    with open(rows, "w") as f:
+        f.writelines(json.dumps({"tokens": p[:n].tolist()}) + "\\n" for p, n in zip(prompts, lengths))
+    out = io.StringIO()
+    code = run(["--model", saved, "--prompts", rows, "--temperature", "0", "--max-new-tokens", str(N),
+                "--mesh", "data=2,tensor=4", "--batch-size", "8", "--no-progress"], stdout=out)
+    res["fp"] = {"mesh": tok(generate(fp, prompts, lengths, config=cfg, max_new_tokens=N)),
+                 "q": spec(fp["layers"][0]["attn"]["q_proj"]["kernel"]), "cli_code": code,
+                 "cli": [json.loads(line)["tokens"] for line in out.getvalue().splitlines()]}
+    lap("from_pretrained(mesh=) and sample.py --mesh")
+
     # data=8: params replicated and fused (the batch split eight ways; the cache spec is checked directly)
     mesh = make_mesh({"data": 8})
     sp = parallel.shard_params(params, cfg, mesh)
@@ -115,6 +133,9 @@ def test_generate_and_speculative_over_meshes_of_eight_devices_match_one_device(
     assert s["up"] == [None, 'tensor'] and s["down"] == ['tensor', None]
     assert s["embed"] == ['tensor', None] and s["lm_head"] == [None, 'tensor']
     assert s["q_shard"] == [32, 1, 8]  # 4 heads over 4 devices
+    fp = res["fp"]  # from_pretrained(mesh=) places like shard_params; sample.py --mesh gives the same tokens
+    assert fp["mesh"] == one["greedy"] and fp["q"] == [None, 'tensor', None] and fp["cli_code"] == 0
+    assert fp["cli"] == one["greedy"]
     # data=8: replicated, fused params; the cache split by batch eight ways
     assert d8["fused"] and d8["qkv"] == [None, None] and d8["embed"] == [None, None]
     assert d8["cache"] == ['data', None, None, None]

@@ -152,6 +152,10 @@ def test_bad_arguments():
                              draft_params=jaxar.init_params(other, 0), draft_config=other)
     with pytest.raises(ValueError, match="num_draft must be >= 1"):
         speculative_generate(params, toks, lens, config=TARGET, max_new_tokens=2, num_draft=0, draft="ngram")
+    for name, value in (("repetition_penalty", 1.2), ("presence_penalty", 0.5), ("frequency_penalty", 0.5)):
+        with pytest.raises(ValueError, match=f"does not support {name}"):
+            speculative_generate(params, toks, lens, config=TARGET, max_new_tokens=2, num_draft=2, draft="ngram",
+                                 sampling=SamplingConfig(temperature=0.0, **{name: value}))
 
 
 @pytest.mark.parametrize("draft", ["model", "ngram"])

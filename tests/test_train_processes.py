@@ -27,8 +27,8 @@ COMMON = ["train.log_every=1", "train.eval_every=0", "train.progress_bar=false"]
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     e = dict(os.environ)
-    e.pop("XLA_FLAGS", None)
-    e.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + e.get("PYTHONPATH", ""),
+    # Compile-bound tiny runs: backend optimisation level 0, as the rest of the suite (tests/conftest.py).
+    e.update(XLA_FLAGS="--xla_backend_optimization_level=0", JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + e.get("PYTHONPATH", ""),
              JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     return e
@@ -67,7 +67,7 @@ def test_eight_devices_with_data_fsdp_tensor_match_one_device(tmp_path, env):
         print("RESULT " + json.dumps({{"one": one.losses, "many": many.losses, "param_rel_diff": max(diffs),
                                        "specs": sorted(specs)}}))
     """)
-    e = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    e = dict(env, XLA_FLAGS=env["XLA_FLAGS"] + " --xla_force_host_platform_device_count=8")
     proc = subprocess.run([sys.executable, "-c", script], env=e, capture_output=True, text=True, cwd=ROOT,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]

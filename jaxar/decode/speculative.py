@@ -78,7 +78,7 @@ def speculative_generate(params, prompts, lengths, *, config: ModelConfig, max_n
         given the past, so acceptance is the same exact rule.
 
     sampling: as for `generate` (one config, one per row, or SamplingParams);
-      the repetition penalty is not supported here.
+      the repetition, presence and frequency penalties are not supported here.
     verify_backend: "jnp" (acceptance.py) or "pallas" (the fused
       pallas_kernels.verify kernel; interpret mode on CPU). Both consume the
       same randomness and return the same result.
@@ -93,8 +93,11 @@ def speculative_generate(params, prompts, lengths, *, config: ModelConfig, max_n
                                             draft_params=draft_params, draft_config=draft_config, ngram=ngram)
     B = prompts.shape[0]
     check_same_mesh(params, drafter_params)
-    if np.any(np.asarray(sampling.repetition_penalty) != 1.0):
-        raise ValueError("speculative decoding does not support repetition_penalty yet; use generate()")
+    for name in ("repetition_penalty", "presence_penalty", "frequency_penalty"):
+        value = getattr(sampling, name, None)
+        off = 1.0 if name == "repetition_penalty" else 0.0
+        if value is not None and np.any(np.asarray(value) != off):
+            raise ValueError(f"speculative decoding does not support {name} yet; use generate()")
     check_context(config, lengths, budgets)
     draft_model_config = getattr(drafter, "config", None)
     if draft_model_config is not None:
