@@ -1,0 +1,1 @@
+"""Image tokenizers for visual autoregressive models (VQ-VAE, VAR's multi-scale residual quantizer)."""
