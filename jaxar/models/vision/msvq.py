@@ -41,6 +41,8 @@ __all__ = ["MSVQOutput", "MultiScaleVQ", "Phi", "phi_index"]
 
 Array = jax.Array
 
+_nearest_code = jax.jit(nearest_code)  # one program per scale shape when run eagerly
+
 
 def phi_index(scale: int, num_scales: int, num_phi: int) -> int:
     """Which of ``num_phi`` shared phi convs refines scale ``scale`` of ``num_scales``.
@@ -162,7 +164,7 @@ class MultiScaleVQ(nn.Module):
             # [B, n, n, D]
             z = area_downsample(residual, n)
             # [B, n, n]
-            indices, _ = nearest_code(z, jax.lax.stop_gradient(self.codebook))
+            indices, _ = _nearest_code(z, jax.lax.stop_gradient(self.codebook))
             # [B, S, S, D]; carries gradient to the codebook and phi
             h = self.scale_contribution(indices, k)
             f_hat = f_hat + h

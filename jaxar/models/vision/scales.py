@@ -166,13 +166,16 @@ def bicubic_matrix(n_in: int, n_out: int) -> np.ndarray:
     return mat
 
 
+@jax.jit  # one program per shape when called eagerly (inlined under an outer jit)
+def _apply_matrices(mat_h: Array, mat_w: Array, f: Array) -> Array:
+    # [B, H, W, C] -> [B, n_h, n_w, C]
+    rows = jnp.einsum("ph,bhwc->bpwc", mat_h, f, precision=jax.lax.Precision.HIGHEST)
+    return jnp.einsum("qw,bpwc->bpqc", mat_w, rows, precision=jax.lax.Precision.HIGHEST)
+
+
 def _resample(f: Array, mat_h: np.ndarray, mat_w: np.ndarray) -> Array:
     dtype = jnp.result_type(f.dtype, jnp.float32)
-    # [B, H, W, C] -> [B, n_h, n_w, C]
-    return jnp.einsum(
-        "ph,qw,bhwc->bpqc", jnp.asarray(mat_h, dtype), jnp.asarray(mat_w, dtype), f.astype(dtype),
-        precision=jax.lax.Precision.HIGHEST,
-    )
+    return _apply_matrices(jnp.asarray(mat_h, dtype), jnp.asarray(mat_w, dtype), f.astype(dtype))
 
 
 def _check_map(f: Array, name: str) -> None:
