@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -34,6 +33,7 @@ import jaxar  # noqa: E402
 from jaxar.cache import KVCache  # noqa: E402
 from jaxar.decode.generate import generate, pad_prompts  # noqa: E402
 from jaxar.models.transformer import decode_params, forward  # noqa: E402
+from benchmarks.decode import median_time  # noqa: E402  (one timing rule for the decode benchmarks)
 
 TEXT = (
     "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg, a goldsmith from "
@@ -65,16 +65,6 @@ def variants(config):
 def prompts_for(config, batch: int, prompt_len: int):
     """The same random prompts for a batch size in every process."""
     return np.random.default_rng(batch).integers(0, config.vocab_size, (batch, prompt_len)).astype(np.int32)
-
-
-def median_time(run, repeats):
-    run()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def decode_tok_s(params, config, ids, new_tokens, repeats):

@@ -45,6 +45,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
+from jaxar.tokenizer import _token_content  # "</s>" or an AddedToken dict -> "</s>"
+
 __all__ = [
     "SPECIAL_TOKEN_NAMES",
     "END_OF_TURN_TOKENS",
@@ -297,15 +299,6 @@ def find_chat_template(model_dir: Optional[os.PathLike] = None, tokenizer=None) 
     return value if isinstance(value, str) and value else None
 
 
-def _token_text(value: Any) -> Optional[str]:
-    """"</s>" or an AddedToken dict {"content": "</s>", ...} -> "</s>"."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, Mapping) and isinstance(value.get("content"), str):
-        return value["content"]
-    return None
-
-
 def template_special_tokens(model_dir: Optional[os.PathLike] = None, tokenizer=None) -> dict:
     """The special tokens a template sees as globals (`bos_token`, `eos_token`, ...).
 
@@ -320,14 +313,14 @@ def template_special_tokens(model_dir: Optional[os.PathLike] = None, tokenizer=N
             cfg = _read_json(Path(model_dir) / name)
             have_files = have_files or bool(cfg)
             for key in SPECIAL_TOKEN_NAMES:
-                text = _token_text(cfg.get(key))
+                text = _token_content(cfg.get(key))
                 if text is not None and key not in found:
                     found[key] = text
     if not have_files and tokenizer is not None:
         own = getattr(tokenizer, "special_tokens_map", None)
         if isinstance(own, Mapping):
             for key in SPECIAL_TOKEN_NAMES:
-                text = _token_text(own.get(key))
+                text = _token_content(own.get(key))
                 if text is not None:
                     found.setdefault(key, text)
         id_to_token = getattr(tokenizer, "id_to_token", None)

@@ -28,7 +28,7 @@ import abc
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence, Union
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -163,7 +163,7 @@ def _token_content(value: Any) -> Optional[str]:
     """`"</s>"` or `{"content": "</s>", ...}` (Hugging Face AddedToken) -> "</s>"."""
     if isinstance(value, str):
         return value
-    if isinstance(value, dict) and isinstance(value.get("content"), str):
+    if isinstance(value, Mapping) and isinstance(value.get("content"), str):
         return value["content"]
     return None
 

@@ -189,20 +189,19 @@ def test_bad_quantization_settings_fail_with_one_line_errors(tiny_params):
 # The bound leaves 3x that margin.
 PPL_REL_BOUND = 0.01
 
-TEXT = (
-    "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg, a goldsmith from "
-    "Mainz, combined several existing technologies into a single practical system. Movable type had been used in "
-    "East Asia for centuries, but Gutenberg's metal alloy, oil-based ink and adapted screw press made it possible "
-    "to produce books quickly and at a reasonable cost. Within fifty years, printing shops had spread to more than "
-    "two hundred cities across Europe, and millions of volumes had been produced. The consequences were enormous. "
-    "Knowledge that had been locked away in a few monasteries and universities became available to merchants, "
-    "craftsmen and ordinary readers. Scientists could share their observations with colleagues in distant "
-    "countries, and errors in texts could be corrected in later editions instead of being copied again by hand. "
-    "Religious reformers used pamphlets to spread their ideas, while governments learned to use printed "
-    "proclamations to announce new laws. Literacy rates rose slowly but steadily, and the demand for schools grew "
-    "along with them. Newspapers appeared in the seventeenth century, first as weekly reports of trade and "
-    "politics, and later as daily publications that shaped public opinion. By the nineteenth century, "
-    "steam-powered presses could print thousands of pages every hour.")
+def _fixed_text() -> str:
+    """The fixed English text benchmarks/quant_decode.py scores (one text for the test and the benchmark)."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "quant_decode.py")
+    spec = importlib.util.spec_from_file_location("quant_decode_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.TEXT
+
+
+TEXT = _fixed_text()
 
 
 def cached_perplexity(params, config, ids):
