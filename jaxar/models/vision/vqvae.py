@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxar.models.vision.msvq import MultiScaleVQ
+from jaxar.models.vision.scales import check_patch_nums
 from jaxar.models.vision.quantize import (EMAState, code_usage, ema_init, ema_update, lookup_codes, nearest_code,
                                           restart_dead_codes, straight_through, vq_losses)
 
@@ -50,6 +52,11 @@ class VQVAEConfig:
     use_ema: EMA codebook (ema_codebook_step) instead of the codebook loss.
     ema_decay, ema_eps: EMA decay and Laplace smoothing.
     dead_code_threshold: with EMA, codes whose EMA cluster size falls below this are restarted (0 disables).
+    patch_nums: () for a single-scale tokenizer; else the token-map sides of a second quantizer on the same
+      encoder / decoder, VAR's multi-scale residual quantizer (`MultiScaleVQ`, its own codebook of
+      codebook_size codes, last side 7). One tokenizer run then serves both the raster model (the single-scale
+      codes) and the next-scale model (the multi-scale codes), so the two compare on one decoder.
+    quant_resi, num_phi: the multi-scale quantizer's phi blend ratio and number of shared phi convs.
     """
     channels: int = 64
     codebook_size: int = 512
@@ -60,8 +67,17 @@ class VQVAEConfig:
     ema_decay: float = 0.99
     ema_eps: float = 1e-5
     dead_code_threshold: float = 0.0
+    patch_nums: Tuple[int, ...] = ()
+    quant_resi: float = 0.5
+    num_phi: int = 4
 
     def __post_init__(self):
+        object.__setattr__(self, "patch_nums", tuple(int(n) for n in self.patch_nums))
+        if self.patch_nums:
+            check_patch_nums(self.patch_nums)
+            if self.patch_nums[-1] != LATENT_SIZE:
+                raise ValueError(f"VQVAEConfig.patch_nums must end at the latent side {LATENT_SIZE}, "
+                                 f"got {self.patch_nums}")
         for name in ("channels", "codebook_size", "code_dim"):
             if getattr(self, name) < 1:
                 raise ValueError(f"VQVAEConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -126,6 +142,8 @@ class VQVAE(nn.Module):
         self.dec_up1 = nn.ConvTranspose(c.channels, (4, 4), strides=(2, 2), padding="SAME")  # 7 -> 14
         self.dec_up2 = nn.ConvTranspose(c.channels, (4, 4), strides=(2, 2), padding="SAME")  # 14 -> 28
         self.dec_out = nn.Conv(1, (3, 3), padding="SAME")
+        if c.patch_nums:
+            self.msvq = msvq_module(c)
 
     def encode(self, images: jax.Array) -> jax.Array:
         """images [B, 28, 28(, 1)] in [-1, 1] -> continuous latents z [B, 7, 7, D]."""
@@ -162,15 +180,49 @@ class VQVAE(nn.Module):
             raise ValueError(f"tokens must be integer [B, 7, 7], got {tokens.dtype} {tokens.shape}")
         return self.decode(lookup_codes(tokens, self.codebook))
 
+    def scale_tokens(self, images: jax.Array) -> list:
+        """images -> the multi-scale quantizer's token maps, int32 [B, n, n] for n in patch_nums."""
+        self._need_multiscale()
+        return self.msvq.encode_scales(self.encode(images))
+
+    def decode_scale_tokens(self, tokens) -> jax.Array:
+        """Multi-scale token maps [B, n, n] (n in patch_nums) -> images [B, 28, 28, 1]."""
+        self._need_multiscale()
+        return self.decode(self.msvq.decode_tokens(tokens))
+
+    def _need_multiscale(self):
+        if not self.config.patch_nums:
+            raise ValueError("this tokenizer has no multi-scale quantizer (VQVAEConfig.patch_nums is empty); "
+                             "train one with tokenizer.patch_nums set")
+
     def __call__(self, images: jax.Array) -> Tuple[jax.Array, Dict[str, jax.Array]]:
-        """images -> (reconstruction [B, 28, 28, 1], {"z", "quantized", "tokens"}).
+        """images -> (reconstruction [B, 28, 28, 1], {"z", "quantized", "tokens"}); with patch_nums also
+        "ms_recon" (the multi-scale quantizer's reconstruction) and "ms" (its MSVQOutput).
 
         The reconstruction goes through straight_through(z, quantized), so the decoder's gradient reaches the encoder.
         """
         z = self.encode(images)
         tokens, quantized = self.quantize(z)
         recon = self.decode(straight_through(z, quantized))
-        return recon, {"z": z, "quantized": quantized, "tokens": tokens}
+        aux = {"z": z, "quantized": quantized, "tokens": tokens}
+        if self.config.patch_nums:
+            ms = self.msvq(z)
+            aux["ms"] = ms
+            aux["ms_recon"] = self.decode(ms.quantized)
+        return recon, aux
+
+
+def msvq_module(config: VQVAEConfig) -> MultiScaleVQ:
+    """The multi-scale quantizer of a VQVAEConfig with patch_nums (apply it to `msvq_variables(params)`)."""
+    if not config.patch_nums:
+        raise ValueError("VQVAEConfig.patch_nums is empty: this tokenizer has no multi-scale quantizer")
+    return MultiScaleVQ(codebook_size=config.codebook_size, dim=config.code_dim, patch_nums=config.patch_nums,
+                        beta=config.beta, quant_resi=config.quant_resi, num_phi=config.num_phi, name="msvq")
+
+
+def msvq_variables(params: Any) -> dict:
+    """The multi-scale quantizer's variables inside VQVAE variables: {"params": params["params"]["msvq"]}."""
+    return {"params": params["params"]["msvq"]}
 
 
 def loss_fn(params: Any, images: jax.Array, config: VQVAEConfig) -> Tuple[jax.Array, Dict[str, jax.Array]]:
@@ -178,6 +230,8 @@ def loss_fn(params: Any, images: jax.Array, config: VQVAEConfig) -> Tuple[jax.Ar
 
     loss = mean (recon - images)^2 + codebook + beta * commitment        (use_ema=False)
     loss = mean (recon - images)^2 + beta * commitment                    (use_ema=True: codes move by EMA)
+    with patch_nums, plus mean (ms_recon - images)^2 + the multi-scale quantizer's loss (its codebook always
+    trains through its loss; EMA applies to the single-scale codebook only)
 
     Args:
       params: VQVAE variables ({"params": ...}).
@@ -195,7 +249,16 @@ def loss_fn(params: Any, images: jax.Array, config: VQVAEConfig) -> Tuple[jax.Ar
     counts, perplexity = code_usage(aux["tokens"], config.codebook_size)
     metrics = {"recon_mse": recon_mse, "codebook_loss": losses.codebook, "commitment_loss": losses.commitment,
                "perplexity": perplexity, "codes_used": jnp.sum(counts > 0)}
-    return recon_mse + vq_term, metrics
+    total = recon_mse + vq_term
+    if config.patch_nums:
+        ms = aux["ms"]
+        ms_mse = jnp.mean(jnp.square(aux["ms_recon"] - images))
+        ms_counts, ms_perplexity = code_usage(jnp.concatenate([t.reshape(-1) for t in ms.tokens]),
+                                              config.codebook_size)
+        metrics.update(ms_recon_mse=ms_mse, ms_vq_loss=ms.loss, ms_perplexity=ms_perplexity,
+                       ms_codes_used=jnp.sum(ms_counts > 0))
+        total = total + ms_mse + ms.loss
+    return total, metrics
 
 
 def init_ema_state(params: Any) -> EMAState:
@@ -235,4 +298,4 @@ def ema_codebook_step(params: Any, ema_state: EMAState, images: jax.Array, confi
 
 
 __all__ = ["IMAGE_SIZE", "LATENT_SIZE", "ResBlock", "VQVAE", "VQVAEConfig", "ema_codebook_step", "init_ema_state",
-           "loss_fn", "to_model_images", "to_uint8"]
+           "loss_fn", "msvq_module", "msvq_variables", "to_model_images", "to_uint8"]
