@@ -80,6 +80,7 @@ class MSVQOutput(NamedTuple):
     loss: Array  # scalar: mean over scales of codebook_loss + beta * commitment_loss
     codebook_loss: Array  # scalar: mean over scales of mse(f_hat_k, sg(f)) (trains codebook and phi)
     commitment_loss: Array  # scalar: mean over scales of mse(sg(f_hat_k), f) (trains the encoder)
+    inputs: Optional[list] = None  # K quantizer inputs, the area-downsampled residuals [B, n_k, n_k, D] (EMA)
 
 
 class MultiScaleVQ(nn.Module):
@@ -159,10 +160,11 @@ class MultiScaleVQ(nn.Module):
         # [B, S, S, D]
         residual = jax.lax.stop_gradient(f)
         f_hat = jnp.zeros_like(f)
-        tokens, codebook_losses, commitment_losses = [], [], []
+        tokens, codebook_losses, commitment_losses, inputs = [], [], [], []
         for k, n in enumerate(self.patch_nums):
             # [B, n, n, D]
             z = area_downsample(residual, n)
+            inputs.append(z)
             # [B, n, n]
             indices, _ = _nearest_code(z, jax.lax.stop_gradient(self.codebook))
             # [B, S, S, D]; carries gradient to the codebook and phi
@@ -181,6 +183,7 @@ class MultiScaleVQ(nn.Module):
             loss=codebook_loss + self.beta * commitment_loss,
             codebook_loss=codebook_loss,
             commitment_loss=commitment_loss,
+            inputs=inputs,
         )
 
     def encode_scales(self, f: Array) -> list:

@@ -261,40 +261,69 @@ def loss_fn(params: Any, images: jax.Array, config: VQVAEConfig) -> Tuple[jax.Ar
     return total, metrics
 
 
-def init_ema_state(params: Any) -> EMAState:
-    """EMA statistics reproducing the current codebook (see quantize.ema_init)."""
-    return ema_init(params["params"]["codebook"])
+def init_ema_state(params: Any):
+    """EMA statistics reproducing the current codebook (see quantize.ema_init); with a multi-scale quantizer
+    a dict {"vq": ..., "msvq": ...}, one EMAState per codebook."""
+    state = ema_init(params["params"]["codebook"])
+    if "msvq" in params["params"]:
+        return {"vq": state, "msvq": ema_init(params["params"]["msvq"]["codebook"])}
+    return state
 
 
-def ema_codebook_step(params: Any, ema_state: EMAState, images: jax.Array, config: VQVAEConfig,
-                      key: Optional[jax.Array] = None) -> Tuple[Any, EMAState, Dict[str, jax.Array]]:
+def ema_codebook_step(params: Any, ema_state, images: jax.Array, config: VQVAEConfig,
+                      key: Optional[jax.Array] = None) -> Tuple[Any, Any, Dict[str, jax.Array]]:
     """EMA codebook update on a batch (call after the optimiser step when config.use_ema).
 
     Encodes `images` with `params`, assigns latents to codes, applies quantize.ema_update, then, if
-    config.dead_code_threshold > 0, restarts (key required) dead codes from this batch's latents.
-    Returns (params with the new codebook, new EMAState, {"dead_codes": number restarted}).
+    config.dead_code_threshold > 0, restarts (key required) dead codes from this batch's latents. With a
+    multi-scale quantizer (ema_state a dict from init_ema_state) its codebook moves the same way, to the EMA
+    means of the quantizer inputs (the area-downsampled residuals of every scale) assigned to each code, and
+    its dead codes restart from those inputs.
+    Returns (params with the new codebook(s), new EMA state, {"dead_codes": number restarted[, "ms_dead_codes"]}).
     """
     if not config.use_ema:
         raise ValueError("ema_codebook_step needs VQVAEConfig(use_ema=True); without EMA the optimiser trains codes")
     if config.dead_code_threshold > 0 and key is None:
         raise ValueError("dead_code_threshold > 0 needs a PRNG key: pass key=jax.random.PRNGKey(...)")
+    multi = isinstance(ema_state, dict)
+    if multi != bool(config.patch_nums):
+        raise ValueError("ema_state does not match the tokenizer (one EMAState per codebook); build it with "
+                         "init_ema_state(params)")
     images = _check_images(images)
     model = VQVAE(config)
     z = model.apply(params, images, method=VQVAE.encode)
-    if ema_state.codebook.shape != params["params"]["codebook"].shape:
-        raise ValueError(f"ema_state codebook {ema_state.codebook.shape} does not match the model's "
+    vq_state = ema_state["vq"] if multi else ema_state
+    if vq_state.codebook.shape != params["params"]["codebook"].shape:
+        raise ValueError(f"ema_state codebook {vq_state.codebook.shape} does not match the model's "
                          f"{params['params']['codebook'].shape}; build it with init_ema_state(params)")
+    key_vq, key_ms = jax.random.split(key) if key is not None else (None, None)
+
+    def step(state, latents, tokens, k):
+        state = ema_update(state, latents, tokens, config.ema_decay, config.ema_eps)
+        dead_count = jnp.zeros((), jnp.int32)
+        if config.dead_code_threshold > 0:
+            state, dead = restart_dead_codes(state, latents, k, config.dead_code_threshold)
+            dead_count = jnp.sum(dead).astype(jnp.int32)
+        return state, dead_count
+
     tokens, _ = nearest_code(z, params["params"]["codebook"])
-    state = ema_update(ema_state, z, tokens, config.ema_decay, config.ema_eps)
-    dead_count = jnp.zeros((), jnp.int32)
-    if config.dead_code_threshold > 0:
-        state, dead = restart_dead_codes(state, z, key, config.dead_code_threshold)
-        dead_count = jnp.sum(dead).astype(jnp.int32)
+    vq_state, dead_count = step(vq_state, z, tokens, key_vq)
     inner = dict(params["params"])
-    inner["codebook"] = state.codebook
+    inner["codebook"] = vq_state.codebook
+    metrics = {"dead_codes": dead_count}
+    new_state = vq_state
+    if multi:
+        out = msvq_module(config).apply(msvq_variables(params), jax.lax.stop_gradient(z))
+        dim = config.code_dim
+        latents = jnp.concatenate([x.reshape(-1, dim) for x in out.inputs])
+        ms_tokens = jnp.concatenate([t.reshape(-1) for t in out.tokens])
+        ms_state, ms_dead = step(ema_state["msvq"], latents, ms_tokens, key_ms)
+        inner["msvq"] = {**inner["msvq"], "codebook": ms_state.codebook}
+        metrics["ms_dead_codes"] = ms_dead
+        new_state = {"vq": vq_state, "msvq": ms_state}
     new_params = dict(params)
     new_params["params"] = inner
-    return new_params, state, {"dead_codes": dead_count}
+    return new_params, new_state, metrics
 
 
 __all__ = ["IMAGE_SIZE", "LATENT_SIZE", "ResBlock", "VQVAE", "VQVAEConfig", "ema_codebook_step", "init_ema_state",
