@@ -7,8 +7,11 @@ ones (already written). Query t of row b sits at position
 ``lengths[b] - T + t`` and sees cache positions ``<=`` its own
 (bottom-right-aligned causal); with ``new="bidirectional"`` every one of the T
 new positions (a VAR scale, a diffusion block; the same as an all-ones tree);
-with ``tree_mask [batch, T, T]`` every earlier position plus the new positions
-j with ``tree_mask[b, t, j]``.
+with ``new_extent [batch, T]`` every earlier position plus the new positions
+``j < new_extent[b, t]`` (one int per query: block-causal new blocks, e.g.
+several VAR scales at once, or order ids that may differ per row); with
+``tree_mask [batch, T, T]`` every earlier position plus the new positions j
+with ``tree_mask[b, t, j]`` (ceil(T/32) bit words per query).
 
 Kernel layout: grid ``(batch, kv_heads, num_splits)``. The T new positions
 and the G query heads sharing a KV head are folded into the rows of one
@@ -62,6 +65,7 @@ class _Config:
   max_len: int
   tree_words: int      # 0: causal among new positions, else 32-bit words
   bidirectional: bool  # (no tree) the new positions see each other fully
+  extent: bool         # (no tree) query row r sees new j < aux word 0
   interpret: bool
   num_warps: int | None
   num_stages: int | None
@@ -71,7 +75,8 @@ class _Config:
 def _attend_split(cfg: _Config, q, load_k, load_v, tree_word, length, lo, hi):
   """Online softmax of the query tile q [rows, D] over key blocks [lo, hi) of
   one row's cache: unnormalised (acc [rows, D], m [rows], l [rows]), base 2.
-  load_k / load_v(start) -> [block_k, D]; tree_word(w) -> [rows, 1] int32."""
+  load_k / load_v(start) -> [block_k, D]; tree_word(w) -> [rows, 1] int32
+  (the tree's bit word w, or with cfg.extent the query's new-block extent)."""
   bk, rows = cfg.block_k, cfg.rows
   base = length - cfg.t                      # position of the first new token
   # Blocks that lie entirely before the new tokens are visible to every row.
@@ -102,6 +107,8 @@ def _attend_split(cfg: _Config, q, load_k, load_v, tree_word, length, lo, hi):
               jnp.broadcast_to(word, (rows, bk)),
               jnp.broadcast_to(jnp.clip(jw, 0, 31), (rows, bk))) & 1
           vis = vis | (in_word & (bit == 1))
+      elif cfg.extent:
+        vis = k_pos < base + tree_word(0)                    # [rows, bk]
       elif cfg.bidirectional:
         vis = None                                           # valid suffices
       else:
@@ -192,8 +199,8 @@ def _tree_bits(tree_mask, groups: int, rows: int, rows_last: bool = True):
   return jnp.swapaxes(bits, 1, 2) if rows_last else bits   # [B, W, rows]
 
 
-@functools.partial(jax.jit, static_argnums=(5,))
-def _decode(q, k, v, lengths, tree_mask, cfg: _Config):
+@functools.partial(jax.jit, static_argnums=(6,))
+def _decode(q, k, v, lengths, tree_mask, new_extent, cfg: _Config):
   batch, t, heads, head_dim = q.shape
   kv_heads = k.shape[2]
   g, rows = cfg.groups, cfg.rows
@@ -211,8 +218,14 @@ def _decode(q, k, v, lengths, tree_mask, cfg: _Config):
     k, v = jnp.pad(k, pad), jnp.pad(v, pad)
   lengths = lengths.astype(jnp.int32)
 
-  bits = (_tree_bits(tree_mask, g, rows, rows_last=not cfg.tpu)
-          if cfg.tree_words else None)
+  if cfg.tree_words:
+    bits = _tree_bits(tree_mask, g, rows, rows_last=not cfg.tpu)
+  elif cfg.extent:  # one int32 "word" per query row, the tree's layout
+    ext = jnp.repeat(new_extent.astype(jnp.int32), g, axis=1)  # [B, T*G]
+    ext = jnp.pad(ext, ((0, 0), (0, rows - t * g)), constant_values=t)
+    bits = ext[:, None, :] if not cfg.tpu else ext[:, :, None]
+  else:
+    bits = None
 
   ns, ml = cfg.num_splits, cfg.max_len
   if cfg.tpu:
@@ -237,7 +250,7 @@ def _decode_call_tpu(lengths, qr, k, v, bits, cfg: _Config):
   ns, ml = cfg.num_splits, cfg.max_len
   smem = getattr(pltpu, "SMEM", None) or pltpu.MemorySpace.SMEM
   if bits is not None:  # [B, rows, W]: words as columns
-    bits_spec = pl.BlockSpec((None, rows, cfg.tree_words),
+    bits_spec = pl.BlockSpec((None, rows, bits.shape[2]),
                              lambda b, s: (b, 0, 0))
   else:
     bits_spec = None
@@ -278,7 +291,7 @@ def _decode_call_gpu(lengths, qr, k, v, bits, cfg: _Config):
   batch, kv_heads, rows, d_pad = qr.shape
   ns, ml = cfg.num_splits, cfg.max_len
   if bits is not None:
-    bits_spec = pl.BlockSpec((None, cfg.tree_words, rows),
+    bits_spec = pl.BlockSpec((None, bits.shape[1], rows),
                              lambda b, h, s: (b, 0, 0))
   else:
     bits_spec = None
@@ -303,7 +316,10 @@ def _decode_call_gpu(lengths, qr, k, v, bits, cfg: _Config):
           jax.ShapeDtypeStruct((batch, kv_heads, ns, rows), jnp.float32),
           jax.ShapeDtypeStruct((batch, kv_heads, ns, rows), jnp.float32),
       ],
-      compiler_params=_compiler_params(cfg.num_warps or 4,
+      # A 256-row query tile (T = 256: a 16x16 VAR scale) keeps its [rows,
+      # block_k] scores and [rows, D] accumulator in registers over 8 warps.
+      compiler_params=_compiler_params(cfg.num_warps
+                                       or (8 if cfg.rows >= 256 else 4),
                                        cfg.num_stages or 2),
       interpret=cfg.interpret,
       name="decode_attention",
@@ -319,7 +335,7 @@ def _concrete(x):
     return None
 
 
-def _check_inputs(q, k, v, lengths, tree_mask):
+def _check_inputs(q, k, v, lengths, tree_mask, new_extent=None):
   for name, x in (("q", q), ("k", k), ("v", v)):
     if getattr(x, "ndim", None) != 4:
       raise ValueError(f"decode_attention: {name} must be 4-D, got shape "
@@ -366,10 +382,26 @@ def _check_inputs(q, k, v, lengths, tree_mask):
     if tree_mask.dtype != jnp.bool_:
       raise ValueError(f"decode_attention: tree_mask must be bool, got "
                        f"{tree_mask.dtype}")
+  if new_extent is not None:
+    if tree_mask is not None:
+      raise ValueError("decode_attention: give tree_mask or new_extent, not "
+                       "both")
+    if getattr(new_extent, "shape", None) != (batch, t):
+      raise ValueError(f"decode_attention: new_extent must have shape "
+                       f"{(batch, t)}, got "
+                       f"{getattr(new_extent, 'shape', None)}")
+    if not jnp.issubdtype(new_extent.dtype, jnp.integer):
+      raise ValueError(f"decode_attention: new_extent must be integers, got "
+                       f"{new_extent.dtype}")
+    ext = _concrete(new_extent)
+    if ext is not None and ext.size and (ext.min() < 1 or ext.max() > t):
+      raise ValueError(f"decode_attention: new_extent must lie in [1, T] = "
+                       f"[1, {t}] (each query sees itself), got min "
+                       f"{ext.min()}, max {ext.max()}")
 
 
 def decode_attention(q, k, v, lengths, *, sm_scale: float | None = None,
-                     tree_mask=None, new: str = "causal",
+                     tree_mask=None, new: str = "causal", new_extent=None,
                      num_splits: int | None = None,
                      block_k: int | None = None, interpret: bool = False,
                      num_warps: int | None = None,
@@ -387,6 +419,10 @@ def decode_attention(q, k, v, lengths, *, sm_scale: float | None = None,
       among the new positions (each row should at least see itself).
     new: pattern among the T new positions without a tree: "causal", or
       "bidirectional" (each sees all T: a VAR scale, a diffusion block).
+    new_extent: optional int ``[batch, T]`` in [1, T]: query t sees the new
+      positions ``j < new_extent[b, t]`` (replaces ``new``; causal is t + 1,
+      bidirectional T, block-causal the end of the query's block). One int per
+      query instead of a tree's ceil(T/32) words and no bit loop in the kernel.
     num_splits: key-range splits per (row, kv head); default from a heuristic
       that targets enough programs to fill an H100.
     block_k: key tile (power of two, default 128, clamped to max_len).
@@ -400,10 +436,13 @@ def decode_attention(q, k, v, lengths, *, sm_scale: float | None = None,
     ``[batch, T, heads, head_dim]`` in ``q.dtype``. If ``q.dtype`` differs
     from the cache dtype, q is cast to the cache dtype for the matmuls.
   """
-  _check_inputs(q, k, v, lengths, tree_mask)
+  _check_inputs(q, k, v, lengths, tree_mask, new_extent)
   if new not in NEW_PATTERNS:
     raise ValueError(f"decode_attention: new must be one of {NEW_PATTERNS}, "
                      f"got {new!r}")
+  if new_extent is not None and new != "causal":
+    raise ValueError("decode_attention: new_extent replaces new; leave new "
+                     "at its default")
   tpu = _resolve_backend(backend, "decode_attention") == "mosaic_tpu"
   batch, t, heads, head_dim = q.shape
   max_len, kv_heads = k.shape[1], k.shape[2]
@@ -436,13 +475,15 @@ def decode_attention(q, k, v, lengths, *, sm_scale: float | None = None,
       blocks_per_split=blocks_per_split, num_splits=num_splits,
       max_len=padded_len, tree_words=0 if tree_mask is None else -(-t // 32),
       bidirectional=tree_mask is None and new == "bidirectional",
+      extent=new_extent is not None,
       interpret=bool(interpret), num_warps=num_warps, num_stages=num_stages,
       tpu=tpu)
-  return _decode(q, k, v, lengths, tree_mask, cfg)
+  return _decode(q, k, v, lengths, tree_mask, new_extent, cfg)
 
 
 def decode_attention_reference(q, k, v, lengths, *, sm_scale=None,
-                               tree_mask=None, new: str = "causal"):
+                               tree_mask=None, new: str = "causal",
+                               new_extent=None):
   """Plain jnp version of :func:`decode_attention` (computes in
   ``promote_types(q.dtype, float32)`` and returns that dtype)."""
   batch, t = q.shape[:2]
@@ -453,6 +494,8 @@ def decode_attention_reference(q, k, v, lengths, *, sm_scale=None,
     q_pos = jnp.broadcast_to(lengths[:, None] - 1, q_pos.shape)
   k_pos = jnp.arange(max_len)
   mask = k_pos[None, None, :] <= q_pos[:, :, None]               # [B, T, S]
+  if new_extent is not None:  # the last new position each query sees
+    mask = k_pos[None, None, :] < (lengths[:, None] - t + new_extent)[..., None]
   if tree_mask is not None:
     base = (lengths - t)[:, None, None]
     j = k_pos[None, None, :] - base                              # [B, 1, S]

@@ -344,11 +344,15 @@ def _attend_cache(config, q, cache_k, cache_v, inputs, sm_scale, scales=None):
     if config.attention_backend == "pallas":
         from pallas_kernels.decode_attention import decode_attention
 
-        tree = inputs.tree_mask
-        if tree is None and inputs.order_ids is not None:
-            tree = jnp.broadcast_to(block, (q.shape[0], T, T))
-        return decode_attention(q, cache_k, cache_v, inputs.lengths, sm_scale=sm_scale, tree_mask=tree,
-                                interpret=jax.default_backend() == "cpu")
+        extent = None
+        if inputs.tree_mask is None and inputs.order_ids is not None:
+            # Non-decreasing order ids (what Mask.order_ids gives): new token t sees the new tokens
+            # j < extent[t] = #{j: ids[j] <= ids[t]}; all ids equal (a VAR scale) -> T. One int per
+            # query instead of a [T, T] tree of bit words.
+            ids = inputs.order_ids
+            extent = jnp.sum(ids[:, None, :] <= ids[:, :, None], axis=-1, dtype=jnp.int32)
+        return decode_attention(q, cache_k, cache_v, inputs.lengths, sm_scale=sm_scale, tree_mask=inputs.tree_mask,
+                                new_extent=extent, interpret=jax.default_backend() == "cpu")
     if S > KV_CHUNK and S % KV_CHUNK == 0:
         return chunked_cache_attention(q, cache_k, cache_v, inputs.lengths, block, sm_scale, scales=scales)
     if scales is not None:
