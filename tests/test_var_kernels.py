@@ -28,11 +28,13 @@ from tests.kernel_testing import (TRITON_SKIP_REASON, _rel, _run,
                                   triton_lowering_available)
 
 PATCH_NUMS = (1, 2, 3, 5, 7)  # 88 tokens; the last scale has 49
-VAR_D16 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)  # 680 tokens; the last scale has 256
+# VAR-d16 at 256 px: 680 tokens; the last scale has 256
+VAR_D16 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 
 
 def _naive_extent(q, k, v, lengths, extent):
-  """float64 loop: query t of row b sees slots < lengths[b] - T + extent[b, t]."""
+  """float64 loop: query t of row b sees the slots
+  < lengths[b] - T + extent[b, t]."""
   b, t, h, d = q.shape
   g = h // k.shape[2]
   out = np.zeros(q.shape, np.float64)
@@ -108,7 +110,8 @@ def _program(params, embeds, cond, w, *, backend, cached):
   n0 = sum(n * n for n in PATCH_NUMS[:3])  # 14
   cache = jaxar.KVCache.empty(config, 2, 96)
   out, cache = jaxar.forward(params, config=config, embeds=embeds[:, :n0 + 1],
-                             cond=cond, cache=cache, num_new=jnp.array([n0, n0 + 1]),
+                             cond=cond, cache=cache,
+                             num_new=jnp.array([n0, n0 + 1]),
                              mask=Mask.block_causal(ids[:, :n0 + 1]))
   steps = [out]
   for n in PATCH_NUMS[3:]:
@@ -142,7 +145,8 @@ def test_var_pallas_equals_xla_training_and_cached_scales():
   # (a) forward per row, gradients w.r.t. params and embeds
   for b in range(2):
     assert _rel(pal[0][b], xla[0][b]) < 1e-5
-  g_pal, g_xla = jax.tree_util.tree_leaves(pal[1]), jax.tree_util.tree_leaves(xla[1])
+  g_pal = jax.tree_util.tree_leaves(pal[1])
+  g_xla = jax.tree_util.tree_leaves(xla[1])
   assert len(g_pal) == len(g_xla) > 10
   for a, r in zip(g_pal, g_xla):
     assert _rel(a, r) < 1e-5

@@ -346,9 +346,9 @@ def _attend_cache(config, q, cache_k, cache_v, inputs, sm_scale, scales=None):
 
         extent = None
         if inputs.tree_mask is None and inputs.order_ids is not None:
-            # Non-decreasing order ids (what Mask.order_ids gives): new token t sees the new tokens
-            # j < extent[t] = #{j: ids[j] <= ids[t]}; all ids equal (a VAR scale) -> T. One int per
-            # query instead of a [T, T] tree of bit words.
+            # Non-decreasing order ids (what Mask.order_ids gives for every kind; block ids must be
+            # sorted): new token t sees the new tokens j < extent[t] = #{j: ids[j] <= ids[t]}; all
+            # ids equal (a VAR scale) -> T. One int per query instead of a [T, T] tree of bit words.
             ids = inputs.order_ids
             extent = jnp.sum(ids[:, None, :] <= ids[:, :, None], axis=-1, dtype=jnp.int32)
         return decode_attention(q, cache_k, cache_v, inputs.lengths, sm_scale=sm_scale, tree_mask=inputs.tree_mask,
