@@ -16,7 +16,7 @@ from jaxar.decode import image
 from jaxar.decode.sampling import SamplingConfig, SamplingParams, row_keys, sample
 from jaxar.models.masks import Mask
 from jaxar.models.vision import ar, scales
-from jaxar.models.vision.vqvae import VQVAE, VQVAEConfig, to_model_images
+from jaxar.models.vision.vqvae import VQVAE, VQVAEConfig
 
 K, C = 16, 10
 NULL = C
@@ -26,13 +26,11 @@ PATCH = (1, 2, 3, 5, 7)
 
 @pytest.fixture(scope="module")
 def tokenizer():
+    """A random tokenizer (every leaf normal(0, 0.3), built from shapes: no init program to compile)."""
     vq = VQVAEConfig(channels=8, codebook_size=K, code_dim=8, num_res_blocks=0, patch_nums=PATCH, num_phi=2)
-    params = jax.jit(VQVAE(vq).init)(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))
-    # A random codebook of unit scale, so the scales' feature maps differ visibly.
-    params = jax.tree_util.tree_map(lambda x: x, params)
-    ms = params["params"]["msvq"]
-    ms["codebook"] = jax.random.normal(jax.random.PRNGKey(1), ms["codebook"].shape)
-    return vq, params
+    shapes = jax.eval_shape(VQVAE(vq).init, jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))
+    rng = np.random.RandomState(0)
+    return vq, jax.tree_util.tree_map(lambda s: jnp.asarray(rng.normal(0, 0.3, s.shape), jnp.float32), shapes)
 
 
 def random_params(config, seed):
@@ -58,8 +56,9 @@ def make_model(kind, tokenizer):
     @jax.jit
     def evaluate(params, tokens, labels, rng):
         """(score with labels, score with the null class, loss_fn, its metrics) in one program."""
-        cond = ar.score(params, tokens, labels, cfg, tok)
-        uncond = ar.score(params, tokens, jnp.full_like(labels, NULL), cfg, tok)
+        both = ar.score(params, jnp.concatenate([tokens, tokens]),
+                        jnp.concatenate([labels, jnp.full_like(labels, NULL)]), cfg, tok)
+        cond, uncond = jnp.split(both, 2)
         loss, metrics = ar.loss_fn(params, {"tokens": tokens, "labels": labels}, rng, cfg, tok)
         return cond, uncond, loss, metrics
 
@@ -108,6 +107,19 @@ def test_cached_cfg_sampling_equals_full_sequence_scoring(kind, request):
     assert np.abs(c[:2] - u[:2]).max() > 1e-2
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def replay_sampler(cfg, logits, seed):
+    """`sampling.sample` with the sampler's documented keys on given logits [3, seq_len, K] (default
+    settings), every token in one call: keys [3, seq_len] (raster: row_keys(seed, 3, i) for token i;
+    var: row_keys(seed, 3 n_k^2, k) over scale k's tokens row-major)."""
+    if cfg.kind == "raster":
+        keys = jnp.stack([row_keys(seed, 3, i) for i in range(cfg.seq_len)], axis=1)
+    else:
+        keys = jnp.concatenate([row_keys(seed, 3 * n * n, k).reshape(3, n * n) for k, n in enumerate(PATCH)], axis=1)
+    flat = sample(keys.reshape(-1), logits.reshape(-1, K), SamplingParams.build(SamplingConfig(), keys.size))
+    return flat.reshape(3, cfg.seq_len)
+
+
 @pytest.mark.parametrize("kind", ["raster", "var"])
 def test_cfg_scale_zero_is_unconditional_and_one_is_conditional(kind, request):
     cfg, params, evaluate, sampler = request.getfixturevalue(kind)
@@ -120,19 +132,7 @@ def test_cfg_scale_zero_is_unconditional_and_one_is_conditional(kind, request):
     tokens, _ = sampler(labels, cfg_scale=1.0, seed=5)
     assert not np.array_equal(tokens, uncond_tokens)
     cond, _, _, _ = evaluate(params, tokens, labels, jax.random.PRNGKey(0))
-    settings = SamplingParams.build(SamplingConfig(), 3)
-    if kind == "raster":
-        replay = [sample(row_keys(np.uint32(5), 3, i), cond[:, i], settings) for i in range(cfg.seq_len)]
-        replay = jnp.stack(replay, axis=1)
-    else:
-        starts = scales.scale_starts(PATCH)
-        replay = []
-        for k in range(len(PATCH)):
-            m = starts[k + 1] - starts[k]
-            rows = jnp.repeat(jnp.arange(3), m)
-            logits = cond[:, starts[k]:starts[k + 1]].reshape(3 * m, K)
-            replay.append(sample(row_keys(np.uint32(5), 3 * m, k), logits, settings.take_rows(rows)).reshape(3, m))
-        replay = jnp.concatenate(replay, axis=1)
+    replay = replay_sampler(cfg, cond, np.uint32(5))
     np.testing.assert_array_equal(tokens, replay)
 
 
@@ -236,9 +236,9 @@ def test_encode_and_decode_images(var, tokenizer):
     cfg = var[0]
     vq, vq_params = tokenizer
     pixels = np.random.RandomState(0).randint(0, 256, (3, 28, 28)).astype(np.uint8)
-    tokens = ar.encode_tokens(cfg, vq, vq_params, pixels, batch_size=2)
-    model = VQVAE(vq)
-    maps = model.apply(vq_params, to_model_images(pixels), method=VQVAE.scale_tokens)
-    np.testing.assert_array_equal(tokens, np.asarray(scales.flatten_scales(maps)))
+    tokens = ar.encode_tokens(cfg, vq, vq_params, pixels, batch_size=2)  # two batches, the last one padded
+    assert tokens.shape == (3, cfg.seq_len) and tokens.dtype == np.int32 and 0 <= tokens.min() and tokens.max() < K
+    np.testing.assert_array_equal(ar.encode_tokens(cfg, vq, vq_params, pixels[1:], batch_size=2), tokens[1:])
+    assert len(np.unique(tokens)) > 3
     images = image.decode_images(tokens, config=cfg, tokenizer=tokenizer)
     assert images.shape == (3, 28, 28) and images.dtype == np.uint8

@@ -15,15 +15,17 @@ step i = 0 .. n-1:
 * ``"linear"``: VAR's ramp ``s_i = 1 + (s - 1) * i / (n - 1)``: conditional (no guidance) at the
   first step rising to ``s`` at the last (VAR writes ``(1 + t) c - t u`` with ``t = (s - 1) i/(n-1)``).
 
-Raster: the class tokens are prefilled into the KV cache, then `jaxar.decode.loop` (the one
-decode driver: fixed budget of 49 tokens, no EOS) runs one token per step in a `lax.while_loop`.
+Raster: `jaxar.decode.loop` (the one decode driver: fixed budget of 49 tokens, no EOS) runs one
+token per step in a `lax.while_loop`; step 0 feeds the class tokens (the prompt) into the KV cache,
+step i > 0 the newest code.
 VAR: one forward per scale, that scale's n_k^2 inputs as new queries against the KV cache
 (`Mask.bidirectional()` among them), all its tokens sampled in parallel, then the tokenizer's
 `add_scale` gives the next scale's input; the loop over the (few, differently shaped) scales is
 unrolled inside the one jit. Settings (cfg_scale, temperature, top_k, top_p, seed) are traced: new
 values reuse the compiled program, which is one per (config, batch, schedule).
 
-Random keys: raster token i of row b uses `row_keys(seed, B, i)[b]`; var scale k uses
+Tokens are drawn as `sampling.sample` draws them (temperature, top-k, top-p per row; same keys,
+same draws). Random keys: raster token i of row b uses `row_keys(seed, B, i)[b]`; var scale k uses
 `row_keys(seed, B * n_k^2, k)` over its tokens row-major (row b, position j -> b * n_k^2 + j).
 """
 
@@ -37,7 +39,8 @@ import numpy as np
 from jaxar.cache import KVCache
 from jaxar.decode import loop
 from jaxar.decode.loop import StepOutput
-from jaxar.decode.sampling import SamplingConfig, SamplingParams, apply_cfg, row_keys, sample
+from jaxar.decode.sampling import (SamplingConfig, SamplingParams, apply_cfg, apply_temperature, apply_top_k,
+                                   apply_top_p, row_keys)
 from jaxar.models import transformer
 from jaxar.models.masks import Mask
 from jaxar.models.vision import ar, scales
@@ -55,35 +58,38 @@ def guidance_scale(cfg_scale, step, num_steps: int, schedule: str):
     return 1.0 + (jnp.asarray(cfg_scale, jnp.float32) - 1.0) * (jnp.asarray(step, jnp.float32) / (num_steps - 1))
 
 
+def _draw(keys, logits, sampling: SamplingParams) -> jax.Array:
+    """int32 [N]: `sampling.sample(keys, logits, sampling)` for settings without penalties or min-p
+    (temperature, top-k, top-p per row; temperature 0 = argmax), without its runtime branches:
+    the same draws from the same keys, about half the program (it is inlined once per VAR scale)."""
+    warped = apply_temperature(logits, sampling.temperature)
+    warped = apply_top_k(warped, sampling.top_k)
+    warped = apply_top_p(warped, sampling.top_p, sampling.top_p_cut)
+    drawn = jax.vmap(lambda key, row: jax.random.categorical(key, row, axis=-1))(keys, warped)
+    return jnp.where(sampling.greedy, jnp.argmax(logits, axis=-1), drawn).astype(jnp.int32)
+
+
 def _raster_program(params, labels, sampling, seed, cfg_scale, *, config, schedule):
     mcfg = config.model_config()
     K, B, n = config.codebook_size, labels.shape[0], config.seq_len
+    # [2B]: the conditional rows' class tokens, then the null-class rows'
     class_tokens = jnp.concatenate([labels + K, jnp.full((B,), K + config.null_class, jnp.int32)])
-    cache = KVCache.empty(mcfg, 2 * B, n)
-    logits, cache = transformer.forward(params, class_tokens[:, None], config=mcfg, cache=cache)
-
-    def pick(state: loop.LoopState, rows_logits):
-        i = state.step  # the index of the token being sampled (one token per step for every row)
-        guided = apply_cfg(rows_logits[:B, :K], rows_logits[B:, :K], guidance_scale(cfg_scale, i, n, schedule))
-        token = sample(row_keys(seed, B, i), guided, sampling)
-        return token, guided
-
-    def emit_inner(state, cache, history, rows_logits):
-        token, guided = pick(state, rows_logits)
-        history = jax.lax.dynamic_update_slice(history, guided[:, None, :], (0, state.step, 0))
-        return (cache, history), StepOutput(tokens=token[:, None], n_emitted=jnp.ones_like(token))
 
     def step(state: loop.LoopState):
         cache, history = state.inner
-        feed = jnp.concatenate([state.last_token, state.last_token])
+        i = state.step  # the index of the token being sampled (one token per step for every row)
+        # Step 0 writes the class tokens (the prompt) into the cache; later steps the newest code, fed to both halves.
+        feed = jnp.where(i == 0, class_tokens, jnp.concatenate([state.last_token, state.last_token]))
         rows_logits, cache = transformer.forward(params, feed[:, None], config=mcfg, cache=cache)
-        return emit_inner(state, cache, history, rows_logits[:, 0])
+        guided = apply_cfg(rows_logits[:B, 0, :K], rows_logits[B:, 0, :K], guidance_scale(cfg_scale, i, n, schedule))
+        token = _draw(row_keys(seed, B, i), guided, sampling)
+        history = jax.lax.dynamic_update_slice(history, guided[:, None, :], (0, i, 0))
+        return (cache, history), StepOutput(tokens=token[:, None], n_emitted=jnp.ones_like(token))
 
-    history = jnp.zeros((B, n, K), jnp.float32)
-    state = loop.init_state(class_tokens[:B, None], jnp.ones((B,), jnp.int32), jnp.full((B,), n, jnp.int32), (),
-                            n)
-    inner, first = emit_inner(state, cache, history, logits[:, 0])
-    state = loop.run(step, loop.emit(state._replace(inner=inner), first))
+    inner = (KVCache.empty(mcfg, 2 * B, n), jnp.zeros((B, n, K), jnp.float32))
+    state = loop.init_state(class_tokens[:B, None], jnp.ones((B,), jnp.int32), jnp.full((B,), n, jnp.int32), (), n,
+                            inner=inner)
+    state = loop.run(step, state)
     tokens, _ = loop.outputs(state, n, 0)
     return tokens, state.inner[1]
 
@@ -108,7 +114,7 @@ def _var_program(params, labels, sampling, seed, cfg_scale, vq_params, *, config
         guided = apply_cfg(rows_logits[:B], rows_logits[B:], guidance_scale(cfg_scale, k, S, schedule))
         # [B, m]: every token of the scale at once, one key per (row, position)
         rows = jnp.repeat(jnp.arange(B), m)
-        flat = sample(row_keys(seed, B * m, k), guided.reshape(B * m, -1), sampling.take_rows(rows))
+        flat = _draw(row_keys(seed, B * m, k), guided.reshape(B * m, -1), sampling.take_rows(rows))
         tokens_k = flat.reshape(B, side, side)
         tokens.append(tokens_k)
         history.append(guided)
