@@ -97,11 +97,14 @@ def test_cached_cfg_sampling_equals_full_sequence_scoring(kind, request):
     cfg, params, evaluate, sampler = request.getfixturevalue(kind)
     for s in (1.0, 0.0, 2.5):
         tokens, guided = sampler(LABELS, cfg_scale=s, seed=7)
+        if s == 1.0:
+            programs = image._sample_jit._cache_size()
         assert tokens.shape == (3, cfg.seq_len) and tokens.dtype == jnp.int32
         assert int(tokens.min()) >= 0 and int(tokens.max()) < K
         cond, uncond, _, _ = evaluate(params, tokens, jnp.asarray(LABELS), jax.random.PRNGKey(0))
         c, u = log_softmax64(cond), log_softmax64(uncond)
         assert_rows_close(guided, u + s * (c - u))
+    assert image._sample_jit._cache_size() == programs  # a new scale reuses the compiled sampler
     # The null-class row is unconditional whatever the scale; conditioning matters for the others.
     assert_rows_close(guided[2], u[2])
     assert np.abs(c[:2] - u[:2]).max() > 1e-2
@@ -142,8 +145,14 @@ def test_greedy_sampling_is_argmax_of_scoring(kind, request):
     tokens, _ = sampler(LABELS, cfg_scale=1.0, temperature=0.0, seed=0)
     cond, _, _, _ = evaluate(params, tokens, jnp.asarray(LABELS), jax.random.PRNGKey(0))
     np.testing.assert_array_equal(tokens, np.argmax(np.asarray(cond), axis=-1))
+    programs = image._sample_jit._cache_size()
     again, _ = sampler(LABELS, cfg_scale=1.0, temperature=0.0, seed=99)  # greedy ignores the seed
     np.testing.assert_array_equal(tokens, again)
+    top1, _ = sampler(LABELS, cfg_scale=1.0, temperature=0.7, top_k=1, seed=1)  # top-k 1 is greedy
+    np.testing.assert_array_equal(top1, tokens)
+    nucleus, _ = sampler(LABELS, cfg_scale=1.0, temperature=1.0, top_p=1e-4, seed=2)  # so is a tiny top-p
+    np.testing.assert_array_equal(nucleus, tokens)
+    assert image._sample_jit._cache_size() == programs  # new settings reuse the compiled sampler
 
 
 def test_linear_schedule_ramps_from_conditional_to_the_scale():

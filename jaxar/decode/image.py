@@ -150,6 +150,8 @@ def sample_tokens(params: dict, labels, *, config: ar.ImageARConfig, tokenizer=N
         raise ValueError(f"cfg_schedule={cfg_schedule!r}: use one of {SCHEDULES}")
     if not np.isfinite(float(cfg_scale)):
         raise ValueError(f"cfg_scale must be a finite number, got {cfg_scale}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < 2 ** 32:
+        raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
     B = labels.shape[0]
     if B == 0:
         raise ValueError("labels is empty: give at least one label")
