@@ -116,7 +116,7 @@ def replay_sampler(cfg, logits, seed):
     settings), every token in one call: keys [3, seq_len] (raster: row_keys(seed, 3, i) for token i;
     var: row_keys(seed, 3 n_k^2, k) over scale k's tokens row-major)."""
     if cfg.kind == "raster":
-        keys = jnp.stack([row_keys(seed, 3, i) for i in range(cfg.seq_len)], axis=1)
+        keys = jax.vmap(lambda i: row_keys(seed, 3, i), out_axes=1)(jnp.arange(cfg.seq_len))
     else:
         keys = jnp.concatenate([row_keys(seed, 3 * n * n, k).reshape(3, n * n) for k, n in enumerate(PATCH)], axis=1)
     flat = sample(keys.reshape(-1), logits.reshape(-1, K), SamplingParams.build(SamplingConfig(), keys.size))

@@ -58,15 +58,36 @@ def guidance_scale(cfg_scale, step, num_steps: int, schedule: str):
     return 1.0 + (jnp.asarray(cfg_scale, jnp.float32) - 1.0) * (jnp.asarray(step, jnp.float32) / (num_steps - 1))
 
 
-def _draw(keys, logits, sampling: SamplingParams) -> jax.Array:
-    """int32 [N]: `sampling.sample(keys, logits, sampling)` for settings without penalties or min-p
-    (temperature, top-k, top-p per row; temperature 0 = argmax), without its runtime branches:
-    the same draws from the same keys, about half the program (it is inlined once per VAR scale)."""
+def _gumbel(keys, vocab: int) -> jax.Array:
+    """float32 [N, vocab]: the noise `jax.random.categorical(keys[n], row)` adds to a row before its argmax."""
+    return jax.vmap(lambda key: jax.random.gumbel(key, (vocab,), jnp.float32))(keys)
+
+
+def _draw(noise, logits, sampling: SamplingParams) -> jax.Array:
+    """int32 [N]: what `sampling.sample(keys, logits, sampling)` draws, given `noise = _gumbel(keys, V)`,
+    for settings without penalties or min-p (temperature, top-k, top-p per row; temperature 0 = argmax):
+    the same draws without sample()'s runtime branches, and (VAR) with the noise of every scale made by one
+    PRNG call up front, which keeps the program small (it is inlined once per scale)."""
     warped = apply_temperature(logits, sampling.temperature)
     warped = apply_top_k(warped, sampling.top_k)
     warped = apply_top_p(warped, sampling.top_p, sampling.top_p_cut)
-    drawn = jax.vmap(lambda key, row: jax.random.categorical(key, row, axis=-1))(keys, warped)
+    drawn = jnp.argmax(noise + warped, axis=-1)
     return jnp.where(sampling.greedy, jnp.argmax(logits, axis=-1), drawn).astype(jnp.int32)
+
+
+def _var_noise(seed, batch: int, patch_nums, vocab: int) -> jax.Array:
+    """float32 [batch, sum n_k^2, vocab]: for token j of scale k in row b the noise of key
+    `row_keys(seed, batch * n_k^2, k)[b * n_k^2 + j]`, all keys in one vmapped call."""
+    rows, steps = [], []
+    for k, n in enumerate(patch_nums):
+        m = n * n
+        rows.append(np.arange(batch * m, dtype=np.uint32).reshape(batch, m))
+        steps.append(np.full((batch, m), k, np.int32))
+    rows, steps = np.concatenate(rows, axis=1).reshape(-1), np.concatenate(steps, axis=1).reshape(-1)
+    base = jax.random.key(seed)
+    keys = jax.vmap(lambda r, k: jax.random.fold_in(jax.random.fold_in(base, r), k))(jnp.asarray(rows),
+                                                                                    jnp.asarray(steps))
+    return _gumbel(keys, vocab).reshape(batch, -1, vocab)
 
 
 def _raster_program(params, labels, sampling, seed, cfg_scale, *, config, schedule):
@@ -82,7 +103,7 @@ def _raster_program(params, labels, sampling, seed, cfg_scale, *, config, schedu
         feed = jnp.where(i == 0, class_tokens, jnp.concatenate([state.last_token, state.last_token]))
         rows_logits, cache = transformer.forward(params, feed[:, None], config=mcfg, cache=cache)
         guided = apply_cfg(rows_logits[:B, 0, :K], rows_logits[B:, 0, :K], guidance_scale(cfg_scale, i, n, schedule))
-        token = _draw(row_keys(seed, B, i), guided, sampling)
+        token = _draw(_gumbel(row_keys(seed, B, i), K), guided, sampling)
         history = jax.lax.dynamic_update_slice(history, guided[:, None, :], (0, i, 0))
         return (cache, history), StepOutput(tokens=token[:, None], n_emitted=jnp.ones_like(token))
 
@@ -106,6 +127,8 @@ def _var_program(params, labels, sampling, seed, cfg_scale, vq_params, *, config
     cache = KVCache.empty(mcfg, 2 * B, config.seq_len)
     f_hat = jnp.zeros((B, nums[-1], nums[-1], vq_config.code_dim), jnp.float32)
     tokens, history = [], []
+    starts = scales.scale_starts(nums)
+    noise = _var_noise(seed, B, nums, config.codebook_size)
     for k, side in enumerate(nums):
         m = side * side
         embeds = x + params["level_embed"][k][None, None, :]
@@ -114,7 +137,9 @@ def _var_program(params, labels, sampling, seed, cfg_scale, vq_params, *, config
         guided = apply_cfg(rows_logits[:B], rows_logits[B:], guidance_scale(cfg_scale, k, S, schedule))
         # [B, m]: every token of the scale at once, one key per (row, position)
         rows = jnp.repeat(jnp.arange(B), m)
-        flat = _draw(row_keys(seed, B * m, k), guided.reshape(B * m, -1), sampling.take_rows(rows))
+        start = starts[k]
+        flat = _draw(noise[:, start:start + m].reshape(B * m, -1), guided.reshape(B * m, -1),
+                     sampling.take_rows(rows))
         tokens_k = flat.reshape(B, side, side)
         tokens.append(tokens_k)
         history.append(guided)
