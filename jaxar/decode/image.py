@@ -22,7 +22,7 @@ VAR: one forward per scale, that scale's n_k^2 inputs as new queries against the
 (`Mask.bidirectional()` among them), all its tokens sampled in parallel, then the tokenizer's
 `add_scale` gives the next scale's input; the loop over the (few, differently shaped) scales is
 unrolled inside the one jit. Settings (cfg_scale, temperature, top_k, top_p, seed) are traced: new
-values reuse the compiled program, which is one per (config, batch, schedule).
+values reuse the compiled program, which is one per (config, batch, schedule, tokenizer config).
 
 Tokens are drawn as `sampling.sample` draws them (temperature, top-k, top-p per row; same keys,
 same draws). Random keys: raster token i of row b uses `row_keys(seed, B, i)[b]`; var scale k uses
@@ -32,6 +32,7 @@ same draws). Random keys: raster token i of row b uses `row_keys(seed, B, i)[b]`
 from __future__ import annotations
 
 import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
