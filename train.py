@@ -4,6 +4,8 @@
     python train.py --config configs/tiny.yaml train.steps=50 model.d_model=64 run_dir=runs/t
     python train.py --config configs/llama-1b.yaml mesh.fsdp=-1 mesh.data=1
     python train.py --config configs/smollm2-sft.yaml init_from=runs/smollm2-135m lora.rank=8
+    python train.py --config configs/fashion-vq.yaml                 # image tokenizer (VQ + multi-scale VQ)
+    python train.py --config configs/fashion-var.yaml [tokenizer_run=runs/fashion-vq]   # or fashion-raster
 
 Overrides are dotted keys (`train.lr=1e-3`, `data.source=corpus.jsonl`) with
 YAML values. `init_from=PATH` starts from a pretrained model (a Hugging Face
@@ -57,15 +59,24 @@ def _main(argv=None) -> int:
     try:
         # Before anything touches a jax backend.
         initialize_distributed(args.coordinator, args.num_processes, args.process_id)
-        from jaxar.train.config import load_run_config
+        from jaxar.train.config import load_run_config, load_yaml
+        from jaxar.train import vision
 
-        config = load_run_config(args.config, args.overrides)
-        if args.print_config:
-            print(config.to_json())
-            return 0
-        from jaxar.train.trainer import train
+        raw = load_yaml(args.config)
+        if vision.is_image_config(raw) or any(o.split("=", 1)[0].strip() == "task" for o in args.overrides):
+            config = vision.load_image_run_config(args.config, args.overrides)
+            if args.print_config:
+                print(config.to_json())
+                return 0
+            result = vision.train_image(config, force=args.force)
+        else:
+            config = load_run_config(args.config, args.overrides)
+            if args.print_config:
+                print(config.to_json())
+                return 0
+            from jaxar.train.trainer import train
 
-        result = train(config, force=args.force)
+            result = train(config, force=args.force)
     except (ConfigError, DataError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2

@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", action="store_true", help="print completions to stdout as they are generated, in "
                    "row order; the JSONL goes to --output only")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=None, help="rows per batch (default: 8 for text, 64 for images)")
     p.add_argument("--num-beams", type=int, default=1)
     p.add_argument("--draft", help="speculative decoding: a draft model directory or a drafter name: 'ngram' "
                    "(prompt lookup), 'trigram' (latest-continuation trigram table), 'aded' (ADED: trigram counts + "
@@ -85,6 +85,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="output JSONL (default: stdout)")
     p.add_argument("--stats", help="write speed statistics as JSON to this file")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    img = p.add_argument_group("image models (raster / VAR runs)")
+    img.add_argument("--labels", help="comma-separated class ids to sample, e.g. 0,1,2 (a grid row each)")
+    img.add_argument("--per-label", type=int, default=8, help="images per label (default 8)")
+    img.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale: 1 = "
+                     "conditional, 0 = unconditional, > 1 = stronger (default 2.0)")
+    img.add_argument("--cfg-schedule", choices=["constant", "linear"], default=None, help="guidance across steps "
+                     "/ scales: constant, or linear (VAR's ramp from 0 at the first step to --cfg-scale at the last); "
+                     "default: the model kind's")
+    img.add_argument("--output-dir", help="where samples.npz and grid.png are written")
+    img.add_argument("--overwrite", action="store_true", help="replace samples.npz / grid.png in --output-dir")
     return p
 
 
@@ -281,12 +291,30 @@ def run(argv: Optional[List[str]] = None, stdout=None) -> int:
     stdout = stdout or sys.stdout
     try:
         args.model = _resolve(args.model, "--model")
+        if _image_run(args.model):
+            from jaxar.decode.image_cli import ImageUsageError, run_images
+
+            try:
+                return run_images(args, stdout)
+            except ImageUsageError as e:
+                raise UsageError(str(e)) from None
+        if args.labels is not None or args.output_dir is not None:
+            raise UsageError(f"--labels / --output-dir are for image models, and {args.model} is a text model; "
+                             "give it --prompt TEXT (or --chat / --prompts) instead")
+        if args.batch_size is None:
+            args.batch_size = 8
         _check_flags(args)
         rows = read_prompts(args)
         return _generate_all(args, rows, stdout)
     except UsageError as e:
         print(f"sample.py: error: {e}", file=sys.stderr)
         return 2
+
+
+def _image_run(path: str) -> bool:
+    from jaxar.train.vision import run_task
+
+    return os.path.isdir(path) and run_task(path) is not None
 
 
 def _where(args, row, i: int) -> str:

@@ -1,0 +1,165 @@
+"""`sample.py --model RUN_DIR --labels 0,1,2 --per-label N --cfg-scale S --seed K --output-dir DIR`: images from a
+class-conditional raster (LlamaGen-style) or next-scale (VAR) run.
+
+Writes `DIR/samples.npz` (`images` uint8 [N, 28, 28], `labels` int64 [N], label-major: the first `--per-label`
+rows are the first label's) and `DIR/grid.png` (a row per label), and prints speed statistics as one JSON line
+on stderr (also to `--stats FILE`). Existing outputs are never overwritten: pass another --output-dir, or
+--overwrite. Batches of `--batch-size` rows (default 64; the last one is padded, so one program is compiled);
+guidance, temperature and the seed are traced, so changing them does not recompile.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Optional
+
+import numpy as np
+
+IMAGE_FLAGS = ("labels", "per_label", "cfg_scale", "cfg_schedule", "output_dir", "overwrite")
+DEFAULT_BATCH = 64
+
+
+class ImageUsageError(Exception):
+    pass
+
+
+def parse_labels(text: str, num_classes: int, class_names=None) -> list:
+    names = ""
+    if class_names:
+        names = " (" + ", ".join(f"{i} {n}" for i, n in enumerate(class_names[:num_classes])) + ")"
+    try:
+        labels = [int(x) for x in text.split(",") if x.strip() != ""]
+    except ValueError:
+        raise ImageUsageError(f"--labels must be comma-separated class ids in 0..{num_classes - 1}, got "
+                              f"{text!r}{names}") from None
+    if not labels:
+        raise ImageUsageError(f"--labels is empty; give class ids in 0..{num_classes - 1}{names}")
+    bad = [x for x in labels if not 0 <= x < num_classes]
+    if bad:
+        raise ImageUsageError(f"--labels {bad} out of range: this model has classes 0..{num_classes - 1}{names}")
+    return labels
+
+
+def row_seed(seed: int, batch_index: int) -> int:
+    """The seed of batch `batch_index` (independent streams per batch, reproducible from --seed)."""
+    return int(np.random.SeedSequence([seed, batch_index]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def sample_run(run, labels, *, cfg_scale: float, cfg_schedule: Optional[str], temperature: float, top_k: int,
+               top_p: float, seed: int, batch_size: int = DEFAULT_BATCH, progress: bool = True):
+    """Images (uint8 [N, 28, 28]) for `labels` [N] from a loaded image run, in padded batches.
+
+    Returns (images, stats) with stats: seconds (sampling, compile included in the first batch), compile_s
+    (the first batch's extra time, measured by running it twice), images_per_s (after compile), forwards_per_image.
+    """
+    import jax
+
+    from jaxar.decode.image import decode_images, sample_tokens
+
+    labels = np.asarray(labels, np.int32)
+    n = len(labels)
+    batch_size = max(1, min(batch_size, n))
+    config = run.config
+    kw = dict(config=config, tokenizer=run.tokenizer, cfg_scale=float(cfg_scale), temperature=float(temperature),
+              top_k=int(top_k), top_p=float(top_p))
+    if cfg_schedule is not None:
+        kw["cfg_schedule"] = cfg_schedule
+    bar = None
+    batches = range(0, n, batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n, desc="sampling images", unit="img", dynamic_ncols=True, file=sys.stderr)
+    out = []
+    t0 = time.perf_counter()
+    first_s = None
+    for b, start in enumerate(batches):
+        chunk = labels[start:start + batch_size]
+        padded = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - len(chunk))])
+        tokens = sample_tokens(run.params, padded, seed=row_seed(seed, b), **kw)
+        images = np.asarray(jax.device_get(decode_images(tokens, config=config, tokenizer=run.tokenizer)))
+        out.append(images[: len(chunk)])
+        if first_s is None:
+            first_s = time.perf_counter() - t0
+        if bar is not None:
+            bar.update(len(chunk))
+    total = time.perf_counter() - t0
+    if bar is not None:
+        bar.close()
+    steady = total - first_s
+    n_steady = n - min(batch_size, n)
+    stats = {"images": n, "batch_size": batch_size, "seconds": total, "first_batch_s": first_s,
+             "images_per_s": n_steady / steady if n_steady and steady > 0 else None,
+             "forwards_per_image": forwards_per_image(config)}
+    return np.concatenate(out), stats
+
+
+def forwards_per_image(config) -> int:
+    """Model forwards one image takes: raster one per token (the class-token prefill included), VAR one per scale."""
+    return len(config.patch_nums) if config.kind == "var" else config.seq_len
+
+
+def run_images(args, stdout=None) -> int:
+    """The image branch of sample.py (args from jaxar.decode.cli.build_parser). Raises ImageUsageError."""
+    from jaxar.image_metrics import save_grid
+    from jaxar.train.images import FASHION_MNIST_CLASSES
+    from jaxar.train.vision import load_image_run
+
+    if args.prompt or args.prompts or args.chat:
+        raise ImageUsageError(f"{args.model} is an image model: give --labels 0,1,... (class ids), not "
+                              "--prompt / --prompts / --chat")
+    if args.labels is None:
+        raise ImageUsageError(f"{args.model} is an image model: give --labels (comma-separated class ids) and "
+                              "--output-dir DIR")
+    if args.output_dir is None:
+        raise ImageUsageError("--output-dir DIR is required for image models (samples.npz and grid.png go there)")
+    if args.per_label < 1:
+        raise ImageUsageError(f"--per-label must be >= 1, got {args.per_label}")
+    if args.temperature < 0:
+        raise ImageUsageError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    if args.top_k < 0 or not 0 < args.top_p <= 1:
+        raise ImageUsageError(f"--top-k must be >= 0 and --top-p in (0, 1], got {args.top_k}, {args.top_p}")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ImageUsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.cfg_scale is not None and not np.isfinite(args.cfg_scale):
+        raise ImageUsageError(f"--cfg-scale must be a finite number, got {args.cfg_scale}")
+    out_dir = os.path.abspath(os.path.expanduser(args.output_dir))
+    targets = [os.path.join(out_dir, n) for n in ("samples.npz", "grid.png")]
+    existing = [t for t in targets if os.path.exists(t)]
+    if existing and not args.overwrite:
+        raise ImageUsageError(f"{existing[0]} already exists; choose another --output-dir or pass --overwrite")
+    try:
+        run = load_image_run(args.model)
+    except (OSError, ValueError) as e:
+        raise ImageUsageError(f"--model {args.model}: {e}") from None
+    if run.task not in ("raster", "var"):
+        raise ImageUsageError(f"--model {args.model} is a {run.task!r} run, not a generative image model; sample "
+                              "from a raster or var run (train.py --config configs/fashion-var.yaml)")
+    names = FASHION_MNIST_CLASSES if run.config.num_classes == len(FASHION_MNIST_CLASSES) else None
+    labels = parse_labels(args.labels, run.config.num_classes, names)
+    all_labels = np.repeat(np.asarray(labels, np.int64), args.per_label)
+    cfg_scale = DEFAULT_CFG_SCALE if args.cfg_scale is None else args.cfg_scale
+    images, stats = sample_run(run, all_labels, cfg_scale=cfg_scale, cfg_schedule=args.cfg_schedule,
+                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                               batch_size=args.batch_size or DEFAULT_BATCH, progress=not args.no_progress)
+    os.makedirs(out_dir, exist_ok=True)
+    tmp = os.path.join(out_dir, ".samples.tmp.npz")
+    np.savez(tmp, images=images, labels=all_labels)
+    os.replace(tmp, targets[0])
+    save_grid(images, targets[1], rows=len(labels), labels=all_labels, class_names=names)
+    stats.update(model=os.path.abspath(args.model), kind=run.config.kind, cfg_scale=cfg_scale,
+                 cfg_schedule=args.cfg_schedule, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                 seed=args.seed, output_dir=out_dir)
+    line = json.dumps(stats)
+    print(line, file=sys.stderr)
+    if args.stats:
+        with open(args.stats, "w") as f:
+            f.write(line + "\n")
+    print(f"[jaxar] wrote {len(images)} images to {targets[0]} and {targets[1]}", file=sys.stderr)
+    return 0
+
+
+DEFAULT_CFG_SCALE = 2.0
