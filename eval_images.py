@@ -36,6 +36,8 @@ def main(argv=None) -> int:
     p.add_argument("--model", help="an image run: raster / var (sampled), vq (reconstructions) or classifier")
     p.add_argument("--samples", help="evaluate a sample.py output (samples.npz) instead of sampling")
     p.add_argument("--classifier", default="runs/fashion-classifier", help="the classifier run (default %(default)s)")
+    p.add_argument("--data", default="fashion_mnist", help="the reference images: the test split of this source "
+                   "(fashion_mnist, or a directory of IDX files; default %(default)s)")
     p.add_argument("--cfg-scale", type=_scales, default=[2.0], help="guidance scale(s), comma-separated")
     p.add_argument("--cfg-schedule", choices=["constant", "linear"], default=None)
     p.add_argument("--per-label", type=int, default=100, help="samples per class (default %(default)s)")
@@ -65,7 +67,7 @@ def main(argv=None) -> int:
     from jaxar.train.vision import load_image_run, run_task
 
     try:
-        evaluator = ImageEvaluator(args.classifier)
+        evaluator = ImageEvaluator(args.classifier, data_source=args.data)
     except (OSError, ValueError) as e:
         return fail(f"--classifier {args.classifier}: {e}")
     rows = []
@@ -92,7 +94,7 @@ def main(argv=None) -> int:
         except (OSError, ValueError) as e:
             return fail(f"--model {args.model}: {e}")
         if run.task == "classifier":
-            rows.append({"model": args.model, "test_accuracy": ImageEvaluator(args.model).accuracy()})
+            rows.append({"model": args.model, "test_accuracy": ImageEvaluator(args.model, data_source=args.data).accuracy()})
         elif run.task == "vq":
             for name, m in evaluate_tokenizer(run, evaluator).items():
                 rows.append({"model": args.model, "quantizer": name, **m})

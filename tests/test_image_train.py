@@ -35,7 +35,7 @@ def tiny_data(tmp_path_factory):
     return str(d)
 
 
-_TRAIN = ["train.steps=3", "train.batch_size=8", "train.warmup_steps=1", "train.log_every=1", "train.eval_every=0",
+_TRAIN = ["train.steps=2", "train.batch_size=8", "train.warmup_steps=1", "train.log_every=1", "train.eval_every=0",
           "train.checkpoint_every=0", "train.progress_bar=false", "train.async_checkpoint=false"]
 
 
@@ -44,18 +44,23 @@ def _config(name, run_dir, data, *extra):
                                                                        "data.val_images=16"] + _TRAIN + list(extra))
 
 
-_TINY_VQ = ["model.channels=4", "model.codebook_size=16", "model.code_dim=4"]
+_TINY_VQ = ["model.channels=4", "model.codebook_size=16", "model.code_dim=4", "model.patch_nums=[1,3,7]",
+            "model.num_phi=1"]
+_NO_EVAL = ["train.eval_batches=0"]
 _TINY_AR = ["model.d_model=16", "model.n_layers=1", "model.n_heads=2", "model.mlp_dim=32"]
 
 
 @pytest.fixture(scope="module")
 def runs(tiny_data, tmp_path_factory):
-    """A tiny tokenizer, raster and VAR run trained by train_image (3 steps each)."""
+    """A tiny tokenizer, classifier, raster and VAR run trained by train_image (2 steps each)."""
     root = tmp_path_factory.mktemp("runs")
-    vq = vision.train_image(_config("fashion-vq.yaml", root / "vq", tiny_data, *_TINY_VQ))
+    vq = vision.train_image(_config("fashion-vq.yaml", root / "vq", tiny_data, *_TINY_VQ, *_NO_EVAL))
     out = {"vq": vq}
+    out["classifier"] = vision.train_image(_config("fashion-classifier.yaml", root / "clf", tiny_data,
+                                                   "model.channels=2", "model.feature_dim=8"))
+    out["classifier"].tiny_data = tiny_data
     for task in ("raster", "var"):
-        out[task] = vision.train_image(_config(f"fashion-{task}.yaml", root / task, tiny_data, *_TINY_AR,
+        out[task] = vision.train_image(_config(f"fashion-{task}.yaml", root / task, tiny_data, *_TINY_AR, *_NO_EVAL,
                                                f"tokenizer_run={root / 'vq'}"))
     return out
 
@@ -81,19 +86,23 @@ def test_config_errors_are_one_line(tiny_data, tmp_path):
 def test_ar_runs_take_the_codes_from_the_tokenizer(runs, tiny_data, tmp_path):
     vq_dir = runs["vq"].run_dir
     cfg = _config("fashion-var.yaml", tmp_path / "v", tiny_data, f"tokenizer_run={vq_dir}")
-    assert cfg.model.codebook_size == 16 and tuple(cfg.model.patch_nums) == (1, 2, 3, 5, 7)
+    assert cfg.model.codebook_size == 16 and tuple(cfg.model.patch_nums) == (1, 3, 7) and cfg.model.code_dim == 4
     with pytest.raises(ConfigError, match="comes from the tokenizer"):
         _config("fashion-var.yaml", tmp_path / "w", tiny_data, f"tokenizer_run={vq_dir}", "model.codebook_size=32")
-    # a tokenizer without the multi-scale quantizer cannot serve a VAR model
-    single = vision.train_image(_config("fashion-vq.yaml", tmp_path / "single", tiny_data, *_TINY_VQ,
-                                        "model.patch_nums=[]", "train.steps=1"))
+    # a tokenizer without the multi-scale quantizer cannot serve a VAR model (its config is all that is read)
+    single = tmp_path / "single"
+    single.mkdir()
+    run = json.loads((Path(vq_dir) / "run_config.json").read_text())
+    run["model"]["patch_nums"] = []
+    (single / "run_config.json").write_text(json.dumps(run))
     with pytest.raises(ConfigError, match="no multi-scale quantizer"):
-        _config("fashion-var.yaml", tmp_path / "x", tiny_data, f"tokenizer_run={single.run_dir}")
+        _config("fashion-var.yaml", tmp_path / "x", tiny_data, f"tokenizer_run={single}")
+    assert _config("fashion-raster.yaml", tmp_path / "y", tiny_data, f"tokenizer_run={single}").model.side == 7
 
 
 def test_tiny_runs_train_checkpoint_and_reload(runs):
     for task, result in runs.items():
-        assert result.step == 3 and len(result.losses) == 3 and all(np.isfinite(list(result.losses.values())))
+        assert result.step == 2 and len(result.losses) == 2 and all(np.isfinite(list(result.losses.values())))
         loaded = vision.load_image_run(result.run_dir)
         assert loaded.task == task
         import jax
@@ -101,9 +110,17 @@ def test_tiny_runs_train_checkpoint_and_reload(runs):
         same = jax.tree_util.tree_map(lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))),
                                       loaded.params, result.state.params)
         assert all(jax.tree_util.tree_leaves(same))
-        if task != "vq":
+        if task in ("raster", "var"):
             assert loaded.tokenizer is not None and loaded.tokenizer[0].codebook_size == 16
     assert os.path.isfile(os.path.join(runs["vq"].run_dir, "recon.png"))
+    # the classifier's evaluation covers the whole (tiny) test split: its accuracy == its predictions there
+    from jaxar.image_metrics import image_features
+    from jaxar.train.images import load_image_split
+
+    clf = runs["classifier"]
+    images, labels = load_image_split(clf.tiny_data, "test")
+    _, predicted = image_features(clf.state.params, vision.load_image_run(clf.run_dir).config, images)
+    assert clf.val_metrics[2]["accuracy"] == pytest.approx(float(np.mean(predicted == labels)), abs=1e-9)
 
 
 def _sample(argv, capsys):
@@ -113,7 +130,7 @@ def _sample(argv, capsys):
     return code, capsys.readouterr()
 
 
-def test_sample_cli_writes_the_image_contract(runs, tmp_path, capsys):
+def test_sample_cli_writes_the_image_contract(runs, tiny_data, tmp_path, capsys):
     out = tmp_path / "out"
     code, cap = _sample(["--model", runs["var"].run_dir, "--labels", "0,3,7", "--per-label", "2", "--cfg-scale",
                          "1.5", "--seed", "4", "--output-dir", str(out), "--no-progress"], capsys)
@@ -126,7 +143,7 @@ def test_sample_cli_writes_the_image_contract(runs, tmp_path, capsys):
 
     assert Image.open(out / "grid.png").size[1] > 0
     stats = json.loads([line for line in cap.err.splitlines() if line.startswith("{")][-1])
-    assert stats["forwards_per_image"] == 5 and stats["images"] == 6
+    assert stats["forwards_per_image"] == 3 and stats["images"] == 6
     # the same seed gives the same images; nothing is overwritten without --overwrite
     code, cap = _sample(["--model", runs["var"].run_dir, "--labels", "0,3,7", "--per-label", "2", "--cfg-scale",
                          "1.5", "--seed", "4", "--output-dir", str(out), "--no-progress"], capsys)
@@ -136,6 +153,19 @@ def test_sample_cli_writes_the_image_contract(runs, tmp_path, capsys):
                          "1.5", "--seed", "4", "--output-dir", str(again), "--no-progress"], capsys)
     with np.load(again / "samples.npz") as f:
         np.testing.assert_array_equal(f["images"], images)
+    # eval_images.py on that output: the metrics of jaxar.image_metrics over the classifier's features
+    import eval_images
+    from jaxar.image_metrics import evaluate_samples
+    from jaxar.train.images import load_image_split
+
+    clf = vision.load_image_run(runs["classifier"].run_dir)
+    code = eval_images.main(["--samples", str(out / "samples.npz"), "--classifier", runs["classifier"].run_dir,
+                             "--data", tiny_data, "--json", str(tmp_path / "m.json")])
+    assert code == 0
+    (row,) = json.loads((tmp_path / "m.json").read_text())
+    ref = evaluate_samples(clf.params, clf.config, images, labels, load_image_split(tiny_data, "test")[0])
+    for key in ("fd", "precision", "recall", "class_consistency"):
+        assert row[key] == pytest.approx(ref[key], rel=1e-9, abs=1e-12), key
     code, cap = _sample(["--model", runs["raster"].run_dir, "--labels", "1", "--per-label", "3", "--seed", "0",
                          "--output-dir", str(tmp_path / "r"), "--no-progress"], capsys)
     assert code == 0, cap.err

@@ -11,6 +11,9 @@ A config with a top-level `task` is an image run:
     train: {steps, batch_size, lr, ...}   # jaxar.train.config.TrainConfig fields (seq_len unused)
     mesh: {data: -1, fsdp: 1, tensor: 1}
 
+Evaluation (every train.eval_every steps and at the end) covers data.val_images test-split images, or the
+whole test split for the classifier; train.eval_batches=0 turns it off.
+
 * `vq`: the VQ-VAE tokenizer (`jaxar.models.vision.vqvae`); with `model.patch_nums` it also trains VAR's
   multi-scale residual quantizer on the same encoder / decoder, so one tokenizer run serves both the raster
   and the next-scale model. EMA codebook updates and dead-code restarts run after each optimizer update
@@ -683,7 +686,7 @@ def train_image(run: ImageRunConfig, *, force: bool = False, devices=None,
     eval_bs = min(max(cfg.batch_size, 250), len(val_x))
     eval_bs -= eval_bs % (shards * n_proc)
     val_batches = [{field: val_x[s:s + eval_bs], "labels": val_y[s:s + eval_bs].astype(np.int32)}
-                   for s in range(0, len(val_x) - eval_bs + 1, eval_bs)] if eval_bs else []
+                   for s in range(0, len(val_x) - eval_bs + 1, eval_bs)] if eval_bs and cfg.eval_batches else []
 
     def evaluate(params) -> dict:
         if not val_batches:
