@@ -80,9 +80,10 @@ def np_msvq(f, codebook, phis, phi_of_scale, patch_nums, ratio):
     second-best code distance (how far the fixed inputs are from an argmin tie)."""
     side = patch_nums[-1]
     residual, f_hat = f.copy(), np.zeros_like(f)
-    tokens, partial, gap = [], [], np.inf
+    tokens, partial, gap, inputs = [], [], np.inf, []
     for k, n in enumerate(patch_nums):
         z = np_area(residual, n) if n != side else residual
+        inputs.append(z)
         dist = ((z[..., None, :] - codebook) ** 2).sum(-1)  # [B, n, n, K]
         idx = dist.argmin(-1)
         gap = min(gap, float(np.diff(np.sort(dist, axis=-1)[..., :2], axis=-1).min()))
@@ -94,6 +95,7 @@ def np_msvq(f, codebook, phis, phi_of_scale, patch_nums, ratio):
         residual = residual - h
         tokens.append(idx)
         partial.append(f_hat.copy())
+    np_msvq.inputs = inputs  # the quantizer input of every scale (what the EMA codebook averages)
     return tokens, partial, gap
 
 
@@ -216,6 +218,8 @@ def test_residual_quantizer_equals_numpy_reference():
     np.testing.assert_allclose(out.codebook_loss, codebook_loss, rtol=1e-5)
     np.testing.assert_allclose(out.commitment_loss, codebook_loss, rtol=1e-5)
     np.testing.assert_allclose(out.loss, 1.25 * codebook_loss, rtol=1e-5)
+    for got, want in zip(out.inputs, np_msvq.inputs):  # the area-downsampled residuals, scale by scale
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
 
 
 def test_identity_phi_and_codebook_holding_the_last_residual_reconstruct_exactly():

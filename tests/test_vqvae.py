@@ -324,3 +324,31 @@ def test_adam_steps_on_fashion_mnist_cut_reconstruction_error_and_use_the_codebo
     usage = [(h["codes_used"], round(h["perplexity"], 1)) for h in history]
     assert restarted > 0 and history[-1]["codes_used"] >= 20 and 10.0 < history[-1]["perplexity"] <= 32.0, usage
     np.testing.assert_allclose(np.asarray(params["params"]["codebook"]), np.asarray(ema_state.codebook))
+
+
+def test_multiscale_ema_step_moves_both_codebooks_to_float64_numpy_means():
+    """With patch_nums the EMA step also moves the multi-scale codebook: to the EMA means of every scale's
+    quantizer inputs (checked against tests/test_msvq.py's numpy loop) assigned to each code."""
+    cfg = VQVAEConfig(channels=4, codebook_size=8, code_dim=3, use_ema=True, ema_decay=0.5, patch_nums=(1, 3, 7),
+                      num_phi=1)
+    model = VQVAE(cfg)
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))
+    images = jnp.asarray(_random((4, 28, 28, 1), 5) * 2 - 1, jnp.float32)
+    state = jax.jit(init_ema_state)(params)
+    new_params, new_state, metrics = jax.jit(ema_codebook_step, static_argnames="config")(params, state, images,
+                                                                                          config=cfg)
+    z, out = jax.jit(lambda p, x: model.apply(p, x, method=lambda m, x: (lambda f: (f, m.msvq(f)))(m.encode(x))))(
+        params, images)
+    z = np.asarray(z, np.float64)
+    inputs = np.concatenate([np.asarray(x, np.float64).reshape(-1, 3) for x in out.inputs])
+    tokens = np.concatenate([np.asarray(t).reshape(-1) for t in out.tokens])
+    ms = params["params"]["msvq"]["codebook"]
+    _, _, want = _numpy_ema_update(np.ones(8), np.asarray(ms, np.float64), inputs, tokens, 0.5, cfg.ema_eps)
+    np.testing.assert_allclose(new_params["params"]["msvq"]["codebook"], want, rtol=1e-5, atol=1e-6)
+    vq_tokens = ((z[..., None, :] - np.asarray(params["params"]["codebook"], np.float64)) ** 2).sum(-1).argmin(-1)
+    _, _, want_vq = _numpy_ema_update(np.ones(8), np.asarray(params["params"]["codebook"], np.float64), z, vq_tokens,
+                                      0.5, cfg.ema_eps)
+    np.testing.assert_allclose(new_params["params"]["codebook"], want_vq, rtol=1e-5, atol=1e-6)
+    assert set(new_state) == {"vq", "msvq"} and set(metrics) == {"dead_codes", "ms_dead_codes"}
+    with pytest.raises(ValueError, match="init_ema_state"):
+        ema_codebook_step(params, state["vq"], images, cfg)
