@@ -31,23 +31,26 @@ class ImageEvaluator:
         run = load_image_run(classifier_run)
         if run.task != "classifier":
             raise ValueError(f"{classifier_run} is a {run.task!r} run, not a classifier run")
+        from jaxar.image_metrics import image_features, knn_radii
+
         self.run = run
         self.k = k
         self.reference_images, self.reference_labels = load_image_split(data_source, "test")
+        # The reference features once; every evaluation reuses them.
+        self.reference_features, self.reference_predicted = image_features(run.params, run.config,
+                                                                           self.reference_images)
+        self.reference_radii = knn_radii(self.reference_features, k)
 
-    def evaluate(self, images, labels, **kw) -> dict:
-        from jaxar.image_metrics import evaluate_samples
+    def evaluate(self, images, labels) -> dict:
+        from jaxar.image_metrics import evaluate_features, image_features
 
-        return evaluate_samples(self.run.params, self.run.config, np.asarray(images), np.asarray(labels),
-                                self.reference_images, k=self.k, **kw)
+        feats, predicted = image_features(self.run.params, self.run.config, np.asarray(images))
+        return evaluate_features(feats, predicted, np.asarray(labels), self.reference_features, k=self.k,
+                                 num_classes=self.run.config.num_classes, reference_radii=self.reference_radii)
 
     def accuracy(self) -> float:
         """The classifier's test accuracy (its own trustworthiness)."""
-        from jaxar.image_metrics import evaluate_samples
-
-        out = evaluate_samples(self.run.params, self.run.config, self.reference_images, self.reference_labels,
-                               self.reference_images, k=self.k)
-        return out["class_consistency"]
+        return float(np.mean(self.reference_predicted == self.reference_labels))
 
 
 def balanced_labels(num_classes: int, per_label: int) -> np.ndarray:

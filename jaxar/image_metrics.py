@@ -119,12 +119,13 @@ def _fraction_inside(queries: np.ndarray, centres: np.ndarray, radii: np.ndarray
     return inside / queries.shape[0]
 
 
-def precision_recall(real_feats: Any, fake_feats: Any, k: int = 3) -> Tuple[float, float]:
+def precision_recall(real_feats: Any, fake_feats: Any, k: int = 3, real_radii: Any = None) -> Tuple[float, float]:
     """Improved precision and recall (Kynkaanniemi et al. 2019) of fake samples against real ones.
 
     precision = fraction of fake samples inside the k-NN ball (in the real set) of some real sample;
     recall = fraction of real samples inside the k-NN ball (in the fake set) of some fake sample.
-    Memory is bounded by row blocks of the pairwise distances (10k x 10k runs in ~100 MB).
+    Memory is bounded by row blocks of the pairwise distances (10k x 10k runs in ~100 MB). `real_radii`:
+    knn_radii(real_feats, k) computed once, when one real set scores several fake sets.
     """
     if not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"k must be an integer >= 1, got {k!r}")
@@ -133,7 +134,11 @@ def precision_recall(real_feats: Any, fake_feats: Any, k: int = 3) -> Tuple[floa
     if real.shape[1] != fake.shape[1]:
         raise ValueError(f"feature dimensions differ: real_feats {real.shape}, fake_feats {fake.shape}; "
                          "compute both with the same classifier")
-    precision = _fraction_inside(fake, real, knn_radii(real, k))
+    if real_radii is None:
+        real_radii = knn_radii(real, k)
+    elif np.shape(real_radii) != (real.shape[0],):
+        raise ValueError(f"real_radii must be [{real.shape[0]}] (knn_radii of real_feats), got {np.shape(real_radii)}")
+    precision = _fraction_inside(fake, real, np.asarray(real_radii, np.float64))
     recall = _fraction_inside(real, fake, knn_radii(fake, k))
     return precision, recall
 
@@ -211,7 +216,7 @@ def image_features(classifier_params: Any, classifier_config: Any, images_uint8:
 
 
 def evaluate_features(sample_feats: Any, predicted: Any, labels: Any, reference_feats: Any, *, k: int = 3,
-                      num_classes: Optional[int] = None) -> Dict[str, Any]:
+                      num_classes: Optional[int] = None, reference_radii: Any = None) -> Dict[str, Any]:
     """The metrics of samples from their features and predicted classes, against reference features.
 
     Returns {"fd", "precision", "recall", "class_consistency", "per_class_consistency" (a list, None where a
@@ -223,7 +228,7 @@ def evaluate_features(sample_feats: Any, predicted: Any, labels: Any, reference_
         raise ValueError(f"{labels.shape[0]} labels for {sample_feats.shape[0]} samples; give one label per sample")
     if num_classes is None:
         num_classes = int(max(labels.max(), predicted.max())) + 1
-    precision, recall = precision_recall(reference_feats, sample_feats, k=k)
+    precision, recall = precision_recall(reference_feats, sample_feats, k=k, real_radii=reference_radii)
     return {"fd": frechet_distance(sample_feats, reference_feats), "precision": precision, "recall": recall,
             "class_consistency": class_consistency(predicted, labels),
             "per_class_consistency": per_class_consistency(predicted, labels, num_classes),

@@ -102,6 +102,7 @@ def test_precision_recall_equals_brute_force(monkeypatch, k):
     radii = im.knn_radii(real, k)
     d = np.sqrt(np.sum((real[:, None] - real[None]) ** 2, -1))
     np.testing.assert_allclose(np.sqrt(radii), np.sort(d, axis=1)[:, k], rtol=1e-10)
+    assert im.precision_recall(real, fake, k=k, real_radii=radii) == expected  # radii computed once, reused
 
 
 def test_precision_recall_known_answers():
