@@ -59,6 +59,10 @@ def main(argv=None) -> int:
     p.add_argument("--speed-scale", type=float, default=2.0, help="guidance scale of the speed runs")
     p.add_argument("--repeats-b1", type=int, default=5)
     p.add_argument("--repeats-b64", type=int, default=3)
+    p.add_argument("--top-k", type=int, default=0, help="sampling top-k of every quality run (0: off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="sampling top-p of every quality run (1: off)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--no-var-ramp", action="store_true", help="skip the VAR rows with the linear guidance ramp")
     p.add_argument("--out-dir", default="docs/images")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -93,20 +97,27 @@ def main(argv=None) -> int:
     runs = {"raster": load_image_run(args.raster), "var": load_image_run(args.var)}
     labels = balanced_labels(10, args.per_label)
     rows = []
-    for name, run in runs.items():
+    variants = [("raster", "constant"), ("var", "constant")] + ([] if args.no_var_ramp else [("var", "linear")])
+    result["sampling"] = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+                          "per_label": args.per_label, "seed": args.seed}
+    for name, schedule in variants:
+        run = runs[name]
+        label = name if schedule == "constant" else f"{name} (linear ramp)"
         for s in scales:
-            images, stats = sample_run(run, labels, cfg_scale=s, cfg_schedule=None, temperature=1.0, top_k=0,
-                                       top_p=1.0, seed=args.seed, batch_size=64, progress=False)
+            images, stats = sample_run(run, labels, cfg_scale=s, cfg_schedule=schedule, temperature=args.temperature,
+                                       top_k=args.top_k, top_p=args.top_p, seed=args.seed, batch_size=64,
+                                       progress=False)
             m = evaluator.evaluate(images, labels)
-            rows.append({"model": name, "cfg_scale": s, **{k: m[k] for k in ("fd", "precision", "recall",
-                                                                               "class_consistency")},
+            rows.append({"model": label, "cfg_scale": s, **{k: m[k] for k in ("fd", "precision", "recall",
+                                                                                "class_consistency")},
                          "forwards_per_image": stats["forwards_per_image"]})
-            if s == args.speed_scale:
+            if s == args.speed_scale and schedule == "constant":
                 grid_labels = np.repeat(np.arange(10), 8)
                 pick = np.concatenate([np.flatnonzero(labels == c)[:8] for c in range(10)])
                 save_grid(images[pick], os.path.join(args.out_dir, f"{name}_grid.png"), rows=10,
                           labels=grid_labels, class_names=FASHION_MNIST_CLASSES)
-            print(f"  {name} cfg {s}: fd {m['fd']:.3f} consistency {m['class_consistency']:.3f}", file=sys.stderr)
+            print(f"  {label} cfg {s}: fd {m['fd']:.3f} consistency {m['class_consistency']:.3f}", file=sys.stderr,
+                  flush=True)
     speed = {}
     for name, run in runs.items():
         speed[name] = {1: images_per_s(run, 1, cfg_scale=args.speed_scale, repeats=args.repeats_b1),
@@ -124,11 +135,12 @@ def main(argv=None) -> int:
         print(f"| {name} | {s[1]:.2f} | {s[64]:.1f} | |")
     print(f"| var / raster | {speed['var'][1] / speed['raster'][1]:.2f}x | "
           f"{speed['var'][64] / speed['raster'][64]:.2f}x | |")
-    by = {n: [r for r in rows if r["model"] == n] for n in runs}
-    plot_curve(scales, {f"{n} FD": [r["fd"] for r in by[n]] for n in runs},
+    names = list(dict.fromkeys(r["model"] for r in rows))
+    by = {n: [r for r in rows if r["model"] == n] for n in names}
+    plot_curve(scales, {f"{n}": [r["fd"] for r in by[n]] for n in names},
                os.path.join(args.out_dir, "fd_vs_guidance.png"), xlabel="guidance scale",
                ylabel="FD (classifier features)", title="Fashion-MNIST: FD against guidance")
-    plot_curve(scales, {f"{n} consistency": [r["class_consistency"] for r in by[n]] for n in runs},
+    plot_curve(scales, {f"{n}": [r["class_consistency"] for r in by[n]] for n in names},
                os.path.join(args.out_dir, "consistency_vs_guidance.png"), xlabel="guidance scale",
                ylabel="class consistency", title="Fashion-MNIST: class consistency against guidance")
     if args.json:

@@ -201,3 +201,20 @@ def test_train_py_runs_an_image_config_as_a_program(tiny_data, tmp_path):
     bad = subprocess.run(argv + ["model.patch_nums=[1,2,3]"], capture_output=True, text=True, env=env, timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("train.py: error: model:")
     assert "patch_nums" in bad.stderr.strip().splitlines()[-1]
+
+
+def test_an_interrupted_image_run_resumes_to_the_uninterrupted_params(tiny_data, tmp_path, capsys):
+    import jax
+
+    args = ("model.channels=2", "model.feature_dim=8", *_NO_EVAL)
+    whole = vision.train_image(_config("fashion-classifier.yaml", tmp_path / "whole", tiny_data, *args))
+    cut = vision.train_image(_config("fashion-classifier.yaml", tmp_path / "cut", tiny_data, *args), stop_after=1)
+    assert cut.step == 1
+    resumed = vision.train_image(_config("fashion-classifier.yaml", tmp_path / "cut", tiny_data, *args))
+    assert resumed.step == 2 and "resuming" in capsys.readouterr().err
+    for a, b in zip(jax.tree_util.tree_leaves(whole.state.params), jax.tree_util.tree_leaves(resumed.state.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # another configuration in the same run_dir is refused, not mixed in
+    with pytest.raises(ConfigError, match="already holds a run with a different configuration"):
+        vision.train_image(_config("fashion-classifier.yaml", tmp_path / "cut", tiny_data, *args,
+                                   "model.feature_dim=16"))

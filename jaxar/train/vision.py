@@ -567,7 +567,7 @@ def train_image(run: ImageRunConfig, *, force: bool = False, devices=None,
                 stop_after: Optional[int] = None) -> ImageTrainResult:
     """Train (or resume) an image run; see the module docstring."""
     from jaxar.train import checkpoint as ckpt
-    from jaxar.train.trainer import _Writers, make_optimizer, lr_schedule, plot_losses, _Preemption
+    from jaxar.train.trainer import _Preemption, _Writers, _stop_requested, lr_schedule, make_optimizer, plot_losses
 
     cfg = run.train
     run_dir = os.path.abspath(run.run_dir)
@@ -761,7 +761,7 @@ def train_image(run: ImageRunConfig, *, force: bool = False, devices=None,
                     evaluate_and_record(step)
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                     save(step)
-                if preemption.requested:
+                if _stop_requested(preemption.requested, every_step=log_now):  # multi-host: agreed at log steps
                     preempted = True
                     if is_main:
                         print(f"[jaxar] SIGTERM: saving step {step} and exiting", file=sys.stderr)
