@@ -40,8 +40,8 @@ import numpy as np
 from jaxar.cache import KVCache
 from jaxar.decode import loop
 from jaxar.decode.loop import StepOutput
-from jaxar.decode.sampling import (SamplingConfig, SamplingParams, apply_cfg, apply_temperature, apply_top_k,
-                                   apply_top_p, row_keys)
+from jaxar.decode.sampling import (SamplingConfig, SamplingParams, _when_any, apply_cfg, apply_temperature,
+                                   apply_top_k, apply_top_p, row_keys)
 from jaxar.models import transformer
 from jaxar.models.masks import Mask
 from jaxar.models.vision import ar, scales
@@ -70,8 +70,10 @@ def _draw(noise, logits, sampling: SamplingParams) -> jax.Array:
     the same draws without sample()'s runtime branches, and (VAR) with the noise of every scale made by one
     PRNG call up front, which keeps the program small (it is inlined once per scale)."""
     warped = apply_temperature(logits, sampling.temperature)
-    warped = apply_top_k(warped, sampling.top_k)
-    warped = apply_top_p(warped, sampling.top_p, sampling.top_p_cut)
+    # The sorts of top-k / top-p only when some row asks for them (a runtime branch, no recompile): on a CPU
+    # they cost more than the model's forward of a whole scale.
+    warped = _when_any(sampling.top_k > 0, lambda x: apply_top_k(x, sampling.top_k), warped)
+    warped = _when_any(sampling.top_p < 1.0, lambda x: apply_top_p(x, sampling.top_p, sampling.top_p_cut), warped)
     drawn = jnp.argmax(noise + warped, axis=-1)
     return jnp.where(sampling.greedy, jnp.argmax(logits, axis=-1), drawn).astype(jnp.int32)
 
