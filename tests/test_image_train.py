@@ -15,6 +15,8 @@ from jaxar.config import ConfigError
 from jaxar.train import vision
 
 ROOT = Path(__file__).resolve().parents[1]
+# One worker builds the module's tiny runs once (pytest -n 2 --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("image_runs")
 
 
 def _write_idx(path: Path, array: np.ndarray) -> None:
@@ -45,7 +47,7 @@ def _config(name, run_dir, data, *extra):
 
 
 _TINY_VQ = ["model.channels=4", "model.codebook_size=16", "model.code_dim=4", "model.patch_nums=[1,3,7]",
-            "model.num_phi=1"]
+            "model.quant_resi=0"]
 _NO_EVAL = ["train.eval_batches=0"]
 _TINY_AR = ["model.d_model=16", "model.n_layers=1", "model.n_heads=2", "model.mlp_dim=32"]
 
@@ -166,11 +168,6 @@ def test_sample_cli_writes_the_image_contract(runs, tiny_data, tmp_path, capsys)
     ref = evaluate_samples(clf.params, clf.config, images, labels, load_image_split(tiny_data, "test")[0])
     for key in ("fd", "precision", "recall", "class_consistency"):
         assert row[key] == pytest.approx(ref[key], rel=1e-9, abs=1e-12), key
-    code, cap = _sample(["--model", runs["raster"].run_dir, "--labels", "1", "--per-label", "3", "--seed", "0",
-                         "--output-dir", str(tmp_path / "r"), "--no-progress"], capsys)
-    assert code == 0, cap.err
-    with np.load(tmp_path / "r" / "samples.npz") as f:
-        assert f["images"].shape == (3, 28, 28)
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -203,11 +200,11 @@ def test_train_py_runs_an_image_config_as_a_program(tiny_data, tmp_path):
     assert "patch_nums" in bad.stderr.strip().splitlines()[-1]
 
 
-def test_an_interrupted_image_run_resumes_to_the_uninterrupted_params(tiny_data, tmp_path, capsys):
+def test_an_interrupted_image_run_resumes_to_the_uninterrupted_params(runs, tiny_data, tmp_path, capsys):
     import jax
 
-    args = ("model.channels=2", "model.feature_dim=8", *_NO_EVAL)
-    whole = vision.train_image(_config("fashion-classifier.yaml", tmp_path / "whole", tiny_data, *args))
+    args = ("model.channels=2", "model.feature_dim=8", *_NO_EVAL)  # the fixture's classifier (evaluation aside)
+    whole = runs["classifier"]
     cut = vision.train_image(_config("fashion-classifier.yaml", tmp_path / "cut", tiny_data, *args), stop_after=1)
     assert cut.step == 1
     resumed = vision.train_image(_config("fashion-classifier.yaml", tmp_path / "cut", tiny_data, *args))
