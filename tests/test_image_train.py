@@ -15,8 +15,6 @@ from jaxar.config import ConfigError
 from jaxar.train import vision
 
 ROOT = Path(__file__).resolve().parents[1]
-# One worker builds the module's tiny runs once (pytest -n 2 --dist loadgroup).
-pytestmark = pytest.mark.xdist_group("image_runs")
 
 
 def _write_idx(path: Path, array: np.ndarray) -> None:
