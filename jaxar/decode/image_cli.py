@@ -58,11 +58,14 @@ def sample_run(run, labels, *, cfg_scale: float, cfg_schedule: Optional[str], te
     import jax
 
     from jaxar.decode.image import decode_images, sample_tokens
+    from jaxar.models.transformer import decode_params
 
     labels = np.asarray(labels, np.int32)
     n = len(labels)
     batch_size = max(1, min(batch_size, n))
     config = run.config
+    # The decode layout once for every batch (sample_tokens passes params already in it through unchanged).
+    params = {**run.params, "transformer": decode_params(run.params["transformer"], config.model_config())}
     kw = dict(config=config, tokenizer=run.tokenizer, cfg_scale=float(cfg_scale), temperature=float(temperature),
               top_k=int(top_k), top_p=float(top_p))
     if cfg_schedule is not None:
@@ -79,7 +82,7 @@ def sample_run(run, labels, *, cfg_scale: float, cfg_schedule: Optional[str], te
     for b, start in enumerate(batches):
         chunk = labels[start:start + batch_size]
         padded = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - len(chunk))])
-        tokens = sample_tokens(run.params, padded, seed=row_seed(seed, b), **kw)
+        tokens = sample_tokens(params, padded, seed=row_seed(seed, b), **kw)
         images = np.asarray(jax.device_get(decode_images(tokens, config=config, tokenizer=run.tokenizer)))
         out.append(images[: len(chunk)])
         if first_s is None:
