@@ -6,6 +6,7 @@
     python train.py --config configs/smollm2-sft.yaml init_from=runs/smollm2-135m lora.rank=8
     python train.py --config configs/fashion-vq.yaml                 # image tokenizer (VQ + multi-scale VQ)
     python train.py --config configs/fashion-var.yaml [tokenizer_run=runs/fashion-vq]   # or fashion-raster
+    python train.py --config configs/medusa.yaml base_model=runs/smollm2-135m   # draft heads (or eagle.yaml)
 
 Overrides are dotted keys (`train.lr=1e-3`, `data.source=corpus.jsonl`) with
 YAML values. `init_from=PATH` starts from a pretrained model (a Hugging Face
@@ -60,10 +61,16 @@ def _main(argv=None) -> int:
         # Before anything touches a jax backend.
         initialize_distributed(args.coordinator, args.num_processes, args.process_id)
         from jaxar.train.config import load_run_config, load_yaml
-        from jaxar.train import vision
+        from jaxar.train import drafter, vision
 
         raw = load_yaml(args.config)
-        if vision.is_image_config(raw) or any(o.split("=", 1)[0].strip() == "task" for o in args.overrides):
+        if drafter.is_drafter_config(raw, args.overrides):  # task: medusa | eagle (draft heads on a frozen base)
+            config = drafter.load_drafter_run_config(args.config, args.overrides)
+            if args.print_config:
+                print(config.to_json())
+                return 0
+            result = drafter.train_drafter(config, force=args.force)
+        elif vision.is_image_config(raw) or any(o.split("=", 1)[0].strip() == "task" for o in args.overrides):
             config = vision.load_image_run_config(args.config, args.overrides)
             if args.print_config:
                 print(config.to_json())
