@@ -50,14 +50,15 @@ class SpeculativeOutput(NamedTuple):
     finish_reason: jax.Array  # [batch]
     rounds: jax.Array  # [batch] verification rounds each row took part in
     accepted: jax.Array  # [batch] drafts accepted (and kept) in total
-    accepted_at: jax.Array  # [k] how many rounds accepted the draft at each position (all rows)
+    accepted_at: jax.Array  # [depth] how many rounds accepted a draft at each position / tree depth (all rows)
 
 
 def speculative_generate(params, prompts, lengths, *, config: ModelConfig, max_new_tokens: int, num_draft: int,
                          draft: str = "model", draft_params=None, draft_config: Optional[ModelConfig] = None,
                          ngram: int = 2, sampling: Sampling = SamplingConfig(temperature=0.0), seed=0,
                          eos_ids: Optional[Sequence[int]] = None, pad_id: int = 0,
-                         verify_backend: str = "jnp", budgets=None) -> SpeculativeOutput:
+                         verify_backend: str = "jnp", budgets=None, tree_nodes: Optional[int] = None,
+                         tree_depth: Optional[int] = None, tree_topk: Optional[int] = None) -> SpeculativeOutput:
     """Generate with speculative decoding; the output is distributed exactly as
     plain sampling from the target with the same `sampling` settings (greedy:
     token-for-token the same as `generate`).
@@ -77,6 +78,19 @@ def speculative_generate(params, prompts, lengths, *, config: ModelConfig, max_n
         from which drafts the target accepted (`AdedTable`); deterministic
         given the past, so acceptance is the same exact rule.
 
+      "medusa": Medusa / Hydra heads (`draft_params`, `draft_config` a
+        `HeadsConfig`, from `jaxar.train.drafter.load_drafter_run`) on the
+        target's last hidden state; a fixed tree of `tree_nodes` nodes
+        (`tree.default_tree(tree_nodes, tree_depth, tree_topk)`), or a chain
+        of the heads' top-1 tokens when tree_nodes is 1.
+      "eagle": the EAGLE-style one-layer feature drafter; a dynamic tree
+        (EAGLE-2: depth `tree_depth`, top-k `tree_topk`, best `tree_nodes`
+        nodes), a chain when tree_nodes is 1.
+      Trees are verified in one target forward through the tree mask and
+      accepted losslessly (`tree.tree_accept`: recursive rejection over
+      siblings; greedy: the longest path matching the argmax); the accepted
+      path's cache entries are moved next to the prefix (`tree.compact_cache`).
+
     sampling: as for `generate` (one config, one per row, or SamplingParams);
       the repetition, presence and frequency penalties are not supported here.
     verify_backend: "jnp" (acceptance.py) or "pallas" (the fused
@@ -89,8 +103,12 @@ def speculative_generate(params, prompts, lengths, *, config: ModelConfig, max_n
     if num_draft < 1:
         raise ValueError(f"num_draft must be >= 1, got {num_draft}")
     prompts, lengths, budgets, sampling = check_request(prompts, lengths, budgets, max_new_tokens, sampling)
+    params = decode_layout(params, config)
     drafter, drafter_params = drafters.make(draft, num_draft=num_draft, target_config=config,
-                                            draft_params=draft_params, draft_config=draft_config, ngram=ngram)
+                                            draft_params=draft_params, draft_config=draft_config, ngram=ngram,
+                                            target_params=params, tree_nodes=tree_nodes, tree_depth=tree_depth,
+                                            tree_topk=tree_topk)
+    num_draft = drafter.num_draft
     B = prompts.shape[0]
     check_same_mesh(params, drafter_params)
     for name in ("repetition_penalty", "presence_penalty", "frequency_penalty"):
@@ -103,7 +121,6 @@ def speculative_generate(params, prompts, lengths, *, config: ModelConfig, max_n
     if draft_model_config is not None:
         check_context(draft_model_config, lengths, budgets, " (draft model)")
     prompt_width, width, cache_len = plan_shapes(config, int(lengths.max()), max_new_tokens, extra=num_draft + 1)
-    params = decode_layout(params, config)
     out = _speculative(params, drafter_params, fit_width(prompts, prompt_width), lengths, budgets,
                        jnp.asarray(seed, jnp.uint32), sampling, eos_array(eos_tuple(config, eos_ids)),
                        jnp.asarray(pad_id, jnp.int32), config=config, drafter=drafter, width=width,
@@ -138,49 +155,107 @@ def _verify(logits, draft_probs, drafts, ctx: DraftContext, verify_backend: str)
     return jax.lax.cond(jnp.all(greedy), all_greedy, sampled)
 
 
+def _verify_tree(logits, draft_probs, drafts, parents, depth: int, ctx: DraftContext):
+    """`(path [B, depth], accepted [B], next_token [B])` for a tree of drafts:
+    greedy rows take the longest root path matching the target argmax; sampled
+    rows the exact recursive rejection over siblings (`tree.tree_accept`)."""
+    from jaxar.decode import tree
+
+    B, N = drafts.shape
+    greedy = ctx.sampling.greedy
+
+    def all_greedy():
+        return tree.tree_accept_greedy(logits, drafts, parents, depth)
+
+    def sampled():
+        p = probabilities(logits, ctx.sampling)  # [B, N+1, V]
+        keys = row_keys(ctx.seed, B, ctx.step * (N + 2) + N + 1)
+        path_s, n_s, x_s = tree.tree_accept(p, draft_probs, drafts, parents, keys, depth)
+        path_g, n_g, x_g = all_greedy()
+        g = greedy[:, None]
+        return (jnp.where(g, path_g, path_s), jnp.where(greedy, n_g, n_s), jnp.where(greedy, x_g, x_s))
+
+    path, n, x = jax.lax.cond(jnp.all(greedy), all_greedy, sampled)
+    return path.astype(jnp.int32), n.astype(jnp.int32), x.astype(jnp.int32)
+
+
 @functools.partial(jax.jit, static_argnames=("config", "drafter", "width", "cache_len", "verify_backend"))
 def _speculative(params, drafter_params, prompts, lengths, budgets, seed, sampling, eos_ids, pad_id, *, config,
                  drafter, width, cache_len, verify_backend):
     B, P = prompts.shape
-    k = drafter.num_draft
+    n_nodes = drafter.num_draft
+    is_tree = drafters.is_tree(drafter)
+    depth = drafters.max_depth(drafter)
+    feature_layers = tuple(getattr(drafter, "feature_layers", ()))
 
     # Prefill all but each prompt's last token (that one is fed with the drafts).
     t_cache = KVCache.empty(config, B, cache_len)
-    _, t_cache = forward(params, prompts, config=config, cache=t_cache, num_new=lengths - 1, logits_at="last")
+    prefill = forward(params, prompts, config=config, cache=t_cache, num_new=lengths - 1, logits_at="last",
+                      hidden_layers=feature_layers)
+    t_cache = prefill[1]
+    if feature_layers:
+        d_state = drafter.init(drafter_params, prompts, lengths, cache_len, features=prefill[2])
+    else:
+        d_state = drafter.init(drafter_params, prompts, lengths, cache_len)
     zeros = jnp.zeros((B,), jnp.int32)
-    stats = (zeros, zeros, jnp.zeros((k,), jnp.int32))  # rounds, accepted, accepted_at
-    inner = (t_cache, drafter.init(drafter_params, prompts, lengths, cache_len), stats)
+    stats = (zeros, zeros, jnp.zeros((depth,), jnp.int32))  # rounds, accepted, accepted_at
+    pending = (jnp.full((B, depth), -1, jnp.int32), zeros, zeros)  # the last round's path, n_acc, next token
+    hiddens = tuple(jnp.zeros((B, n_nodes + 1, config.d_model), jnp.float32) for _ in feature_layers)
+    inner = (t_cache, d_state, stats, pending, hiddens)
 
     def context(state: loop.LoopState) -> DraftContext:
         return DraftContext(seq=state.seq, seq_len=state.seq_len, active=state.active, step=state.step, seed=seed,
                             sampling=sampling)
 
     def step(state: loop.LoopState):
-        t_cache, d_state, stats = state.inner
+        t_cache, d_state, stats, _, _ = state.inner
         ctx = context(state)
         drafts, parents, draft_probs, d_state = drafter.propose(d_state, ctx)
-        if parents is not None:
-            raise NotImplementedError(f"{type(drafter).__name__} proposes a tree; tree verification is not "
-                                      "wired into the loop yet")
-        # [B, k+1]: the target scores the last token and every draft in one forward.
+        if (parents is not None) != is_tree:
+            raise ValueError(f"{type(drafter).__name__}.propose returned parents={parents is not None} but "
+                             f"is_tree={is_tree}")
+        # [B, N+1]: the target scores the last token and every draft in one forward.
         verify_in = jnp.concatenate([state.last_token[:, None], drafts], axis=1)
-        logits, t_cache = forward(params, verify_in, config=config, cache=t_cache,
-                                  positions=clipped_positions(config, t_cache, k + 1))
-        n_acc, nxt = _verify(logits, draft_probs, drafts, ctx, verify_backend)
-        tokens, n_emit = emitted_tokens(drafts, n_acc, nxt)
-        return (t_cache, d_state, stats), StepOutput(tokens=tokens, n_emitted=n_emit)
+        start = t_cache.lengths
+        if is_tree:
+            from jaxar.decode import tree
+
+            positions = tree.tree_positions(parents, start)
+            if config.position == "learned":
+                positions = jnp.minimum(positions, config.max_seq_len - 1)
+            out = forward(params, verify_in, config=config, cache=t_cache, positions=positions,
+                          tree_mask=tree.tree_mask(parents), hidden_layers=feature_layers)
+            logits, t_cache = out[0], out[1]
+            path, n_acc, nxt = _verify_tree(logits, draft_probs, drafts, parents, depth, ctx)
+            # the accepted path's keys and values move next to the root; the rest lies beyond the length
+            t_cache = tree.compact_cache(t_cache, start, path, n_acc)
+            path_tokens = jnp.take_along_axis(drafts, jnp.maximum(path, 0), axis=1)
+        else:
+            out = forward(params, verify_in, config=config, cache=t_cache,
+                          positions=clipped_positions(config, t_cache, n_nodes + 1), hidden_layers=feature_layers)
+            logits, t_cache = out[0], out[1]
+            n_acc, nxt = _verify(logits, draft_probs, drafts, ctx, verify_backend)
+            path = jnp.where(jnp.arange(depth)[None] < n_acc[:, None], jnp.arange(depth)[None], -1)
+            path_tokens = drafts
+        hiddens = tuple(h.astype(jnp.float32) for h in out[2]) if feature_layers else ()
+        tokens, n_emit = emitted_tokens(path_tokens, n_acc, nxt)
+        return (t_cache, d_state, stats, (path, n_acc, nxt), hiddens), StepOutput(tokens=tokens, n_emitted=n_emit)
 
     def after(inner, before: loop.LoopState, new: loop.LoopState, out: StepOutput):
-        t_cache, d_state, (rounds, accepted, accepted_at) = inner
+        t_cache, d_state, (rounds, accepted, accepted_at), pending, hiddens = inner
         active = before.active
         n_acc = out.n_emitted - 1
         kept = new.num_tokens - before.num_tokens
         # The target cache holds everything but the newest token; the rest is rolled back.
         t_cache = t_cache.with_lengths(new.seq_len - 1)
-        d_state = drafter.update(d_state, context(before), n_acc, kept, new.seq)
+        if feature_layers:
+            verified = drafters.Verified(hiddens=hiddens, path=pending[0], accepted=pending[1], next_token=pending[2])
+            d_state = drafter.update(d_state, context(before), n_acc, kept, new.seq, verified=verified)
+        else:
+            d_state = drafter.update(d_state, context(before), n_acc, kept, new.seq)
         stats = (rounds + active, accepted + jnp.where(active, jnp.minimum(n_acc, kept), 0),
-                 accepted_at + jnp.sum((jnp.arange(k)[None] < n_acc[:, None]) & active[:, None], axis=0))
-        return t_cache, d_state, stats
+                 accepted_at + jnp.sum((jnp.arange(depth)[None] < n_acc[:, None]) & active[:, None], axis=0))
+        return t_cache, d_state, stats, pending, hiddens
 
     state = loop.init_state(prompts, lengths, budgets, eos_ids, width, inner=inner)
     state = loop.run(step, state, after=after)

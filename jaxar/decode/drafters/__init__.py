@@ -10,6 +10,19 @@ Every drafter is a hashable object (a jit static argument) with
                                           state)
     update(state, ctx, accepted [B], kept [B], seq [B, L]) -> state
 
+A tree drafter (`is_tree = True`) proposes N nodes in topological order with
+`parents [B, N]` (-1: the root, i.e. the last emitted token; else an
+earlier node) and `max_depth` (the deepest node's depth, static); its
+`draft_probs` are None or `[B, N+1, V]`: index 0 the distribution the root's
+children were drawn from, index j+1 node j's. A chain drafter's depth is N.
+
+A drafter that reads the target's hidden states (Medusa heads, EAGLE) names
+them in `feature_layers` (Hugging Face numbering, as `forward`'s
+`hidden_layers`); then `init` also receives `features=` (the prefill's hidden
+states, each [B, P, D], valid at positions < lengths - 1) and `update` also
+receives `verified=Verified(...)` (the verify forward's hidden states at the
+root and every node, the accepted path and the next token).
+
 `params` are the drafter's own weights (a draft model's), None for
 table-based drafters. `update` runs after the driver has kept `kept` tokens
 of a round in which `accepted` drafts passed; `seq` is the sequence buffer
@@ -43,6 +56,25 @@ class DraftContext(NamedTuple):
     step: jax.Array  # () int32 round index (key derivation: row_keys(seed, B, step * (N + 2) + i))
     seed: jax.Array  # () uint32
     sampling: SamplingParams  # per-row settings, for drafts sampled from processed distributions
+
+
+class Verified(NamedTuple):
+    """What the verify forward of a round produced (for feature drafters)."""
+
+    hiddens: tuple  # per feature layer [B, N+1, D]: index 0 the root (last token), j+1 draft node j
+    path: jax.Array  # [B, depth] int32 accepted node per depth, -1 after `accepted`
+    accepted: jax.Array  # [B] int32 drafts accepted (before EOS / budget truncation)
+    next_token: jax.Array  # [B] int32 the correction / bonus token
+
+
+def is_tree(drafter) -> bool:
+    """Whether `drafter` proposes trees (parents) rather than chains."""
+    return bool(getattr(drafter, "is_tree", False))
+
+
+def max_depth(drafter) -> int:
+    """Deepest draft position: N for a chain, the tree's depth for a tree."""
+    return int(getattr(drafter, "max_depth", drafter.num_draft)) if is_tree(drafter) else int(drafter.num_draft)
 
 
 _REGISTRY: Dict[str, Callable[..., Tuple[Any, Any]]] = {}
@@ -85,4 +117,4 @@ def make(name: str, *, num_draft: int, target_config, **options):
     return _REGISTRY[name](num_draft=num_draft, target_config=target_config, **options)
 
 
-__all__ = ["DraftContext", "register", "names", "make"]
+__all__ = ["DraftContext", "Verified", "is_tree", "max_depth", "register", "names", "make"]

