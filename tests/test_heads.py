@@ -110,13 +110,17 @@ def test_eagle_tree_through_the_cache_equals_each_path_uncached(base):
                                             cache=cache, positions=P + depth, tree_mask=jnp.asarray(mask))
     assert logits.shape == (B, N, cfg.vocab_size) and hidden.shape == (B, N, cfg.d_model)
     assert list(np.asarray(cache.lengths)) == [P + N] * B
+    # Reference: the root path alone, uncached and causal (padded to P + N with slots it never sees).
+    causal = jax.jit(lambda t, f: H.eagle_forward(ep, bp, t, f, config=ec, base_config=cfg)[:2])
     for b in range(B):
         for j in range(N):
             idx = list(range(P)) + [P + k for k in paths[b][j]]
-            ref, ref_h, _ = H.eagle_forward(ep, bp, toks[b:b + 1, idx], feats[b:b + 1, idx], config=ec,
-                                            base_config=cfg)
-            np.testing.assert_allclose(np.asarray(logits[b, j]), np.asarray(ref[0, -1]), rtol=1e-4, atol=1e-4)
-            np.testing.assert_allclose(np.asarray(hidden[b, j]), np.asarray(ref_h[0, -1]), rtol=1e-4, atol=1e-4)
+            pad = [0] * (P + N - len(idx))
+            ref, ref_h = causal(toks[b:b + 1, idx + pad], feats[b:b + 1, idx + pad])
+            np.testing.assert_allclose(np.asarray(logits[b, j]), np.asarray(ref[0, len(idx) - 1]), rtol=1e-4,
+                                       atol=1e-4)
+            np.testing.assert_allclose(np.asarray(hidden[b, j]), np.asarray(ref_h[0, len(idx) - 1]), rtol=1e-4,
+                                       atol=1e-4)
 
 
 def test_rollout_mask_and_rollout_equal_step_by_step_drafting(base):
@@ -134,19 +138,27 @@ def test_rollout_mask_and_rollout_equal_step_by_step_drafting(base):
     cfg, bp = base
     ec = H.HeadsConfig(kind="eagle")
     ep = H.init_heads(ec, cfg, 8)
-    T = 6
+    T = 5
     toks = _tokens(1, T, seed=9)
     f0 = jax.random.normal(jax.random.PRNGKey(10), (1, T, cfg.d_model))
     pos = jnp.arange(T)[None]
-    logits, hidden = eagle_rollout(ep, bp, toks, f0, pos, jnp.ones((1, T), jnp.int32), S, heads=ec, base_config=cfg)
+    rollout = jax.jit(lambda *a: eagle_rollout(*a, S, heads=ec, base_config=cfg))
+    logits, hidden = rollout(ep, bp, toks, f0, pos, jnp.ones((1, T), jnp.int32))
     assert logits.shape == (1, S, T, cfg.vocab_size)
-    # Drafting: verified prefix up to position P (true features), then s steps on the drafter's own outputs.
+    # Drafting: verified prefix up to position P (true features), then s steps on the drafter's own outputs;
+    # each step an uncached causal forward over the sequence so far (padded to T: later slots are unseen).
+    causal = jax.jit(lambda f: H.eagle_forward(ep, bp, toks, f, config=ec, base_config=cfg)[:2])
     for P in range(T - S + 1):
-        feats = f0[:, :P + 1]
+        feats = np.zeros((1, T, cfg.d_model), np.float32)
+        feats[:, :P + 1] = f0[:, :P + 1]
         for s in range(S):
-            ref, ref_h, _ = H.eagle_forward(ep, bp, toks[:, :P + 1 + s], feats, config=ec, base_config=cfg)
-            np.testing.assert_allclose(np.asarray(logits[0, s, P + s]), np.asarray(ref[0, -1]), rtol=1e-4, atol=1e-4)
-            feats = jnp.concatenate([feats, ref_h[:, -1:]], axis=1)
+            ref, ref_h = causal(jnp.asarray(feats))
+            np.testing.assert_allclose(np.asarray(logits[0, s, P + s]), np.asarray(ref[0, P + s]), rtol=1e-4,
+                                       atol=1e-4)
+            np.testing.assert_allclose(np.asarray(hidden[0, s, P + s]), np.asarray(ref_h[0, P + s]), rtol=1e-4,
+                                       atol=1e-4)
+            if P + s + 1 < T:
+                feats[:, P + s + 1] = ref_h[:, P + s]
 
 
 def _train(base_dir, run_dir, kind, *extra, steps=16):

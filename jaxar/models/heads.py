@@ -174,16 +174,14 @@ def drafter_model_config(base_config: ModelConfig) -> ModelConfig:
     return base_config.replace(n_layers=1, weight_quant="none", scan_layers=False, remat="none")
 
 
-def _dense(rng, fan_in: int, shape, dtype):
-    return (jax.random.normal(rng, shape, jnp.float32) / jnp.sqrt(float(fan_in))).astype(dtype)
-
-
 def init_heads(config: HeadsConfig, base_config: ModelConfig, rng, base_params: Optional[dict] = None) -> dict:
     """Fresh head params for `config` on a base with `base_config`.
 
     Medusa / Hydra: residual blocks zero-initialised and the Hydra input projection [I; 0 ...],
-    so every untrained head reproduces the base's logits on h_t. EAGLE: fuse and fc ~ N(0, 1/fan_in),
-    the decoder layer as `init_params` of `drafter_model_config(base_config)` would make it.
+    so every untrained head reproduces the base's logits on h_t. EAGLE: fuse = [noise; noise; I] (the
+    high hidden state passed through), fc = [noise; I] (the feature passed through), noise ~
+    N(0, initializer_range), the decoder layer as `init_params` of `drafter_model_config(base_config)`
+    makes it.
     `base_params` is accepted for symmetry (it is not read, nothing of the base is copied).
     """
     config.validate(base_config)
@@ -206,9 +204,13 @@ def init_heads(config: HeadsConfig, base_config: ModelConfig, rng, base_params: 
     r_fuse, r_fc, r_layer = jax.random.split(rng, 3)
     dcfg = drafter_model_config(base_config).replace(param_dtype=config.dtype)
     layer = init_params(dcfg, r_layer)["layers"]
-    return {"fuse": {"kernel": _dense(r_fuse, 3 * D, (3 * D, D), dt)},
-            "fc": {"kernel": _dense(r_fc, 2 * D, (2 * D, D), dt), "bias": jnp.zeros((D,), dt)},
-            "layer": layer}
+    std = base_config.initializer_range
+    eye = jnp.eye(D, dtype=dt)
+    # Pass-through start: fuse picks the high hidden state, fc the feature (small noise elsewhere), so an
+    # untrained drafter's logits are about the base's own at the feature's position, not noise.
+    fuse = jnp.concatenate([std * jax.random.normal(r_fuse, (2 * D, D), dt), eye], axis=0)
+    fc = jnp.concatenate([std * jax.random.normal(r_fc, (D, D), dt), eye], axis=0)
+    return {"fuse": {"kernel": fuse}, "fc": {"kernel": fc, "bias": jnp.zeros((D,), dt)}, "layer": layer}
 
 
 # ---------------------------------------------------------------------------

@@ -312,9 +312,12 @@ def eagle_rollout(params, base_params, tokens, features, positions, segment_ids,
     """
     B, T = tokens.shape
     feats = [features]
+    # Training differentiates through the drafter's attention: the XLA path (one spare cache slot, never
+    # attended, keeps the size off a multiple of KV_CHUNK, whose chunked loop is a while_loop).
+    base_config = base_config.replace(attention_backend="xla")
 
     def run(n_steps):
-        cache = H.eagle_cache(heads, base_config, B, n_steps * T)
+        cache = H.eagle_cache(heads, base_config, B, n_steps * T + 1)
         return H.eagle_forward(params, base_params, jnp.tile(tokens, (1, n_steps)), jnp.concatenate(feats, axis=1),
                                cache=cache, positions=jnp.tile(positions, (1, n_steps)),
                                tree_mask=rollout_tree_mask(segment_ids, n_steps), config=heads,
