@@ -24,29 +24,36 @@ Tree (:func:`verify_tree`): recursive rejection over siblings (see
 Backends (``backend=None`` picks by the platform the call is lowered for, with
 ``lax.platform_dependent``, so one jitted function lowers for TPU and GPU):
 
-* ``"triton"`` (GPU; also what runs with ``interpret=True`` on CPU). Grid
-  ``(B, k+1, S)`` for the chain: one program per (row, position, vocabulary
-  split of ``split_v`` entries, default ``16 * block_v``). Each program loops
-  over its split in chunks of ``block_v`` (a power of two, default 512) with
-  masked loads for the ragged tail (V = 257, 49152, 151936 need not be
-  multiples), so it holds three ``[1, block_v]`` f32 tiles (p, q, E: 6 KiB at
-  512) in registers and nothing in shared memory; it writes six scalars
-  (``p(x)``, ``q(x)``, the two race maxima and their first argmaxes) and a
-  tiny jnp epilogue merges the splits (max, then the first split reaching it:
-  the global first argmax) and applies the acceptance rule on ``[B, k+1]``
-  scalars. Why: one program per row (the first design) leaves an H200's 132
-  SMs idle at batch 1 and Mosaic GPU wanted the whole ``[k+1, V]`` slab in
-  shared memory (1.3-14 MB against 227 KB); splitting over positions and
+* ``"triton"`` (GPU; also what runs with ``interpret=True`` on CPU).
+
+  - Chain: grid ``(B, k+1, S)``, one program per (row, position, vocabulary
+    split of ``split_v`` entries, default ``16 * block_v``). A program loops
+    over its split in chunks of ``block_v`` (a power of two, default 512) with
+    masked loads for the ragged tail (V = 257, 49152, 151936 are not
+    multiples), so it holds three ``[1, block_v]`` f32 tiles (p, q, E: 6 KiB
+    at 512, 12 values per thread over 4 warps) in registers and nothing in
+    shared memory. It writes six scalars (``p(x_j)``, ``q(x_j)``, the two race
+    maxima and their first argmaxes); a jnp epilogue on ``[B, k+1, S]``
+    merges the splits (max, then the first split reaching it: exactly the
+    global first argmax) and applies the acceptance rule.
+  - Tree: the residual normalisers run one program per (row, node) (grid
+    ``(B, N+1)``): a sequential loop over that node's rejected-sibling count,
+    each a masked ``block_v`` sweep of its p/q rows; the final race runs one
+    program per (row, split) (grid ``(B, S)``) on the data-dependent final
+    node's row, read through a dynamic row index into the row's ``[N+1, V]``
+    block (a pointer offset; nothing is staged).
+
+  Why: the first design (one program per row with the ``[k+1, V]`` slab as
+  one block) needed Mosaic GPU shared memory of 1.3-14 MB (227 KB on an
+  H100/H200) and left all but B SMs idle; splitting over positions and
   vocabulary gives ``B (k+1) ceil(V / split_v)`` independent programs (171
-  for B = 1, k = 8, V = 151936) that each stream 2-3 x 32 KiB, which is what
-  a memory-bound op wants. Tree kernels: the residual normalisers run one
-  program per (row, node) (a sequential loop over that node's rejected
-  siblings, each a masked ``block_v`` sweep of its ``p``/``q`` row), and the
-  final race one program per (row, split) on the data-dependent final node's
-  row (a dynamic row index into the row's ``[N+1, V]`` block, nothing staged).
-* ``"mosaic_tpu"``: one program per row (chain) with the ``[k+1, V]`` blocks
-  in VMEM and a static chunk loop; the tree kernels take one ``[1, V]`` row
-  per program, the final node chosen by scalar prefetch.
+  at B = 1, k = 8, V = 151936) that each stream ``3 x split_v x 4`` bytes,
+  which is what a memory-bound op wants, and no block depends on V.
+* ``"mosaic_tpu"``: the same kernels with one program per (row, position) /
+  (row, node), the ``[1, V]`` rows as VMEM blocks (``(1, V)`` are the full
+  last two dims, so any V is legal; 0.6 MB per f32 row at V = 151936, about
+  3.6 MB double-buffered) and a static chunk loop whose last chunk is the
+  ragged tail; the tree race picks the final node's row by scalar prefetch.
 """
 
 from __future__ import annotations
@@ -76,77 +83,6 @@ def _running_first_argmax(best, idx, scores, cols, vocab):
     ci = jnp.min(jnp.where(scores == m, cols, vocab), axis=1, keepdims=True)
     better = m > best
     return jnp.where(better, m, best), jnp.where(better, ci, idx)
-
-
-def _verify_kernel(tok_ref, u_ref, p_ref, *refs, k, vocab, block_v, has_q):
-    if has_q:
-        q_ref, e_ref, len_ref, next_ref = refs
-    else:
-        q_ref = None
-        e_ref, len_ref, next_ref = refs
-    f32, i32 = jnp.float32, jnp.int32
-    toks = tok_ref[0]  # (max(k,1), 1) int32 column
-    kk = max(k, 1)
-
-    def race_state(rows):
-        return (jnp.full((rows, 1), -jnp.inf, f32), jnp.zeros((rows, 1), i32),
-                jnp.full((rows, 1), -jnp.inf, f32), jnp.zeros((rows, 1), i32))
-
-    def update(state, p, q, e, cols):
-        s_r = (jnp.maximum(p - q, 0.0)) / e
-        s_p = p / e
-        br, ir, bp, ip = state
-        br, ir = _running_first_argmax(br, ir, s_r, cols, vocab)
-        bp, ip = _running_first_argmax(bp, ip, s_p, cols, vocab)
-        return br, ir, bp, ip
-
-    def chunk(start, size, carry):
-        px, qx, head, tail = carry
-        cols = start + jax.lax.broadcasted_iota(i32, (1, size), 1)
-        sl = pl.ds(start, size)
-        # Bonus / last position: residual against q_k := 0.
-        p_t = p_ref[0, k:k + 1, sl].astype(f32)
-        e_t = jnp.maximum(e_ref[0, k:k + 1, sl].astype(f32), _TINY)
-        tail = update(tail, p_t, jnp.zeros_like(p_t), e_t, cols)
-        if k > 0:
-            p_h = p_ref[0, 0:k, sl].astype(f32)
-            e_h = jnp.maximum(e_ref[0, 0:k, sl].astype(f32), _TINY)
-            hit = cols == toks  # (k, size)
-            q_h = q_ref[0, :, sl].astype(f32) if has_q else hit.astype(f32)
-            px = px + jnp.sum(jnp.where(hit, p_h, 0.0), axis=1, keepdims=True)
-            qx = qx + jnp.sum(jnp.where(hit, q_h, 0.0), axis=1, keepdims=True)
-            head = update(head, p_h, q_h, e_h, cols)
-        return px, qx, head, tail
-
-    carry = (jnp.zeros((kk, 1), f32), jnp.zeros((kk, 1), f32), race_state(kk), race_state(1))
-    n_full, rem = divmod(vocab, block_v)
-    if n_full:
-        def body(i, c):
-            return chunk(pl.multiple_of(i * block_v, block_v), block_v, c)
-        carry = jax.lax.fori_loop(0, n_full, body, carry)
-    if rem:
-        carry = chunk(n_full * block_v, rem, carry)
-    px, qx, head, tail = carry
-
-    br_t, ir_t, _, ip_t = tail
-    tail_next = jnp.where(br_t > 0, ir_t, ip_t)  # (1, 1)
-    if k > 0:
-        u = u_ref[0]  # (k, 1)
-        accepted = (u * qx < px) | ((px >= qx) & (px > 0))
-        rows = jax.lax.broadcasted_iota(i32, (k, 1), 0)
-        n = jnp.min(jnp.where(accepted, k, rows), axis=0, keepdims=True)  # (1, 1)
-        sel = rows == n
-        br, ir, _, ip = head
-        best_n = jnp.sum(jnp.where(sel, br, 0.0), axis=0, keepdims=True)
-        ir_n = jnp.sum(jnp.where(sel, ir, 0), axis=0, keepdims=True)
-        ip_n = jnp.sum(jnp.where(sel, ip, 0), axis=0, keepdims=True)
-        head_next = jnp.where(best_n > 0, ir_n, ip_n)
-        next_tok = jnp.where(n < k, head_next, tail_next)
-    else:
-        n = jnp.zeros((1, 1), i32)
-        next_tok = tail_next
-    len_ref[0] = n.astype(i32)
-    next_ref[0] = next_tok.astype(i32)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -268,23 +204,26 @@ def _gpu_blocks(block_v, split_v, vocab):
     return block_v, split_v, -(-vocab // split_v)
 
 
-# ----------------------------------------------------------------------------- chain, Triton
+# ----------------------------------------------------------------------------- chain
 
-def _chain_gpu_kernel(tok_ref, p_ref, *refs, k, vocab, block_v, split_v, has_q):
+def _chain_kernel(tok_ref, p_ref, *refs, k, vocab, block_v, split_v, has_q, tpu):
+    """One (row b, position j, vocabulary split s) program; refs are ``[1, V]`` rows."""
     if has_q:
-        q_ref, e_ref, px_ref, qx_ref, br_ref, ir_ref, bp_ref, ip_ref = refs
+        q_ref, e_ref, *outs = refs
     else:
-        e_ref, px_ref, qx_ref, br_ref, ir_ref, bp_ref, ip_ref = refs
+        e_ref, *outs = refs
     f32 = jnp.float32
     j = pl.program_id(1)
-    lo = pl.program_id(2) * split_v
-    tok = tok_ref[0, 0]  # -1 at the bonus position: q_k := 0
+    lo = 0 if tpu else pl.program_id(2) * split_v
+    tok = tok_ref[...]  # (1, 1); -1 at the bonus position: q_k := 0
 
     def body(carry, start, size, cols, valid):
         px, qx, race = carry
         p = _load(p_ref, start, size, valid)
         e = jnp.maximum(_load(e_ref, start, size, valid, 1.0), _TINY)
-        hit = (cols == tok) & valid
+        hit = cols == tok
+        if valid is not None:
+            hit = hit & valid
         if has_q:
             q = jnp.where(j < k, _load(q_ref, start, size, valid), 0.0)
         else:
@@ -295,17 +234,20 @@ def _chain_gpu_kernel(tok_ref, p_ref, *refs, k, vocab, block_v, split_v, has_q):
         return px, qx, race
 
     zero = jnp.zeros((1, 1), f32)
-    px, qx, (br, ir, bp, ip) = _sweep(body, (zero, zero, _race_init()), vocab=vocab, block_v=block_v,
-                                      tpu=False, lo=lo, n_chunks=_n_chunks(lo, split_v, vocab, block_v))
-    for ref, val in ((px_ref, px), (qx_ref, qx), (br_ref, br), (ir_ref, ir), (bp_ref, bp), (ip_ref, ip)):
+    px, qx, race = _sweep(body, (zero, zero, _race_init()), vocab=vocab, block_v=block_v, tpu=tpu, lo=lo,
+                          n_chunks=None if tpu else _n_chunks(lo, split_v, vocab, block_v))
+    for ref, val in zip(outs, (px, qx) + race):
         ref[...] = val
 
 
-def _chain_triton(target_probs, draft_probs, draft_tokens, uniforms, noise, *, block_v, split_v, interpret):
+def _chain(target_probs, draft_probs, draft_tokens, uniforms, noise, *, tpu, block_v, split_v, interpret):
     B, K1, V = target_probs.shape
     k = K1 - 1
     has_q = draft_probs is not None and k > 0
-    block_v, split_v, S = _gpu_blocks(block_v, split_v, V)
+    if tpu:
+        block_v, S = min(block_v, V), 1
+    else:
+        block_v, split_v, S = _gpu_blocks(block_v, split_v, V)
     toks = jnp.pad(draft_tokens.astype(jnp.int32), ((0, 0), (0, 1)), constant_values=-1)[..., None, None]
     row4 = lambda a: a.reshape(a.shape[:2] + (1, V))  # noqa: E731  [B, K1, 1, V], free
     pos = lambda b, j, s: (b, j, 0, 0)  # noqa: E731
@@ -319,14 +261,19 @@ def _chain_triton(target_probs, draft_probs, draft_tokens, uniforms, noise, *, b
     out_spec = pl.BlockSpec((None, None, None, 1, 1), lambda b, j, s: (b, j, s, 0, 0))
     shape = lambda dt: jax.ShapeDtypeStruct((B, K1, S, 1, 1), dt)  # noqa: E731
     f32, i32 = jnp.float32, jnp.int32
-    kernel = functools.partial(_chain_gpu_kernel, k=k, vocab=V, block_v=block_v, split_v=split_v, has_q=has_q)
+    if interpret:
+        params = None
+    else:
+        params = _tpu_params(3) if tpu else _triton_params()
+    kernel = functools.partial(_chain_kernel, k=k, vocab=V, block_v=block_v, split_v=split_v, has_q=has_q,
+                               tpu=tpu)
     px, qx, br, ir, bp, ip = (o[..., 0, 0] for o in pl.pallas_call(
         kernel,
         out_shape=(shape(f32), shape(f32), shape(f32), shape(i32), shape(f32), shape(i32)),
         grid=(B, K1, S),
         in_specs=in_specs,
         out_specs=(out_spec,) * 6,
-        compiler_params=None if interpret else _triton_params(),
+        compiler_params=params,
         interpret=interpret,
         name="speculative_verify",
     )(*args))
@@ -340,42 +287,6 @@ def _chain_triton(target_probs, draft_probs, draft_tokens, uniforms, noise, *, b
     accepted = (u * qx < px) | ((px >= qx) & (px > 0))
     n = jnp.sum(jnp.cumprod(accepted.astype(i32), axis=-1), axis=-1).astype(i32)
     return n, jnp.take_along_axis(race, n[:, None], 1)[:, 0]
-
-
-def _chain_tpu(target_probs, draft_probs, draft_tokens, uniforms, noise, *, block_v, split_v, interpret):
-    del split_v
-    B, K1, V = target_probs.shape
-    k = K1 - 1
-    kk = max(k, 1)
-    has_q = draft_probs is not None and k > 0
-    if k > 0:
-        toks = draft_tokens.astype(jnp.int32)[..., None]  # [B, k, 1]
-        u = uniforms.astype(jnp.float32)[..., None]
-    else:  # dummies; the kernel ignores them when k == 0
-        toks = jnp.zeros((B, 1, 1), jnp.int32)
-        u = jnp.zeros((B, 1, 1), jnp.float32)
-    row = lambda b: (b, 0, 0)  # noqa: E731
-    in_specs = [pl.BlockSpec((1, kk, 1), row), pl.BlockSpec((1, kk, 1), row),
-                pl.BlockSpec((1, K1, V), row)]
-    args = [toks, u, target_probs]
-    if has_q:
-        in_specs.append(pl.BlockSpec((1, k, V), row))
-        args.append(draft_probs)
-    in_specs.append(pl.BlockSpec((1, K1, V), row))
-    args.append(noise)
-    kernel = functools.partial(_verify_kernel, k=k, vocab=V, block_v=min(block_v, V), has_q=has_q)
-    out_shape = (jax.ShapeDtypeStruct((B, 1, 1), jnp.int32), jax.ShapeDtypeStruct((B, 1, 1), jnp.int32))
-    n, nxt = pl.pallas_call(
-        kernel,
-        out_shape=out_shape,
-        grid=(B,),
-        in_specs=in_specs,
-        out_specs=(pl.BlockSpec((1, 1, 1), row), pl.BlockSpec((1, 1, 1), row)),
-        compiler_params=None if interpret else _tpu_params(1),
-        interpret=interpret,
-        name="speculative_verify",
-    )(*args)
-    return n[:, 0, 0], nxt[:, 0, 0]
 
 
 # ----------------------------------------------------------------------------- chain wrappers
@@ -402,7 +313,8 @@ def _prepare(target_probs, draft_probs, draft_tokens, uniforms, noise, key):
 def _verify_call(target_probs, draft_probs, draft_tokens, uniforms, noise, *, block_v, split_v, interpret,
                  backend):
     opts = dict(block_v=block_v, split_v=split_v, interpret=interpret)
-    return _dispatch(backend, functools.partial(_chain_triton, **opts), functools.partial(_chain_tpu, **opts),
+    return _dispatch(backend, functools.partial(_chain, tpu=False, **opts),
+                     functools.partial(_chain, tpu=True, **opts),
                      target_probs, draft_probs, draft_tokens, uniforms, noise)
 
 

@@ -379,6 +379,12 @@ def test_tree_kernel_matches_reference(deterministic):
         other = T.tree_accept_from_randomness(p, qq, tokens, parents, u, e, D)
         for g, w in zip(other, ref):
             np.testing.assert_array_equal(g, w)
+    if hasattr(T, "draw_tree_randomness"):  # key path: both draw the same numbers
+        keys = jax.random.split(jax.random.key(4), B)
+        got = verify_tree(p, qq, tokens, parents, keys, D, block_v=16, split_v=16, interpret=True,
+                          backend="triton")
+        for g, w in zip(got, verify_tree_reference(p, qq, tokens, parents, keys, D)):
+            np.testing.assert_array_equal(g, w)
 
 
 @pytest.mark.parametrize("deterministic", [False, True])
@@ -472,15 +478,15 @@ def _lower(fn, args, platform):
     return jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
 
 
-def _chain_args(b, k, V, has_q):
+def _chain_args(b, k, V, has_q, dtype=jnp.float32):
     S = jax.ShapeDtypeStruct
-    return (S((b, k + 1, V), jnp.float32), S((b, k, V), jnp.float32) if has_q else None,
+    return (S((b, k + 1, V), dtype), S((b, k, V), dtype) if has_q else None,
             S((b, k), jnp.int32), S((b, k), jnp.float32), S((b, k + 1, V), jnp.float32))
 
 
-def _tree_args(b, n, V, has_q):
+def _tree_args(b, n, V, has_q, dtype=jnp.float32):
     S = jax.ShapeDtypeStruct
-    p = S((b, n + 1, V), jnp.float32)
+    p = S((b, n + 1, V), dtype)
     return (p, p if has_q else None, S((b, n), jnp.int32), S((b, n), jnp.int32), S((b, n), jnp.float32),
             S((b, V), jnp.float32))
 
@@ -500,6 +506,8 @@ def test_chain_lowers_for_cuda(has_q):
         for k in (1, 4, 8):
             text = _lower(_chain_fn, _chain_args(8, k, V, has_q), "cuda")
             assert text.count("__gpu$xla.gpu.triton") == 1, (V, k)
+    text = _lower(_chain_fn, _chain_args(32, 8, 151936, has_q, jnp.bfloat16), "cuda")  # bf16 probabilities
+    assert text.count("__gpu$xla.gpu.triton") == 1
 
 
 @pytest.mark.skipif(not triton_lowering_available(), reason=TRITON_SKIP_REASON)
@@ -510,6 +518,8 @@ def test_tree_lowers_for_cuda(has_q):
             text = _lower(_tree_fn, _tree_args(4, n, V, has_q), "cuda")
             # sampled: normalisers + race; deterministic: race only
             assert text.count("__gpu$xla.gpu.triton") == 1 + has_q, (V, n)
+    text = _lower(_tree_fn, _tree_args(32, 32, 151936, has_q, jnp.bfloat16), "cuda")
+    assert text.count("__gpu$xla.gpu.triton") == 1 + has_q
 
 
 @pytest.mark.parametrize("has_q", [True, False])
