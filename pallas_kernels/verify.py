@@ -31,8 +31,8 @@ Backends (``backend=None`` picks by the platform the call is lowered for, with
     over its split in chunks of ``block_v`` (a power of two, default 512) with
     masked loads for the ragged tail (V = 257, 49152, 151936 are not
     multiples), so it holds three ``[1, block_v]`` f32 tiles (p, q, E: 6 KiB
-    at 512, 12 values per thread over 4 warps) in registers and nothing in
-    shared memory. It writes six scalars (``p(x_j)``, ``q(x_j)``, the two race
+    at 512, 12 values per thread over 4 warps) in registers; shared memory
+    only holds Triton's cross-warp reduction scratch (bytes). It writes six scalars (``p(x_j)``, ``q(x_j)``, the two race
     maxima and their first argmaxes); a jnp epilogue on ``[B, k+1, S]``
     merges the splits (max, then the first split reaching it: exactly the
     global first argmax) and applies the acceptance rule.
@@ -568,7 +568,7 @@ def _tree_walk(px, qx, tokens, parents, uniforms, z_table, dup, max_depth):
 
     init = (jnp.zeros((B,), i32), jnp.zeros((B,), i32), jnp.zeros((B,), i32), jnp.zeros((B,), f32),
             jnp.ones((B,), f32), jnp.full((B, max_depth), -1, i32), jnp.zeros((B, N), bool))
-    cur, depth, _, a, _, path, rejected = jax.lax.fori_loop(0, N, body, init)
+    cur, depth, _, a, _, path, rejected = jax.lax.fori_loop(0, N, body, init) if N else init
     zero_toks = jnp.where(rejected & (parents + 1 == cur[:, None]), tokens, -1)
     return cur, depth, a, path, zero_toks
 
@@ -753,7 +753,7 @@ def _tree_reference_core(p, q, tokens, parents, uniforms, noise, max_depth):
 
     init = (jnp.zeros((B,), i32), jnp.zeros((B,), i32), jnp.zeros((B,), f32), jnp.ones((B,), f32), p[:, 0],
             jnp.full((B, max_depth), -1, i32))
-    cur, depth, _, _, r, path = jax.lax.fori_loop(0, N, body, init)
+    cur, depth, _, _, r, path = jax.lax.fori_loop(0, N, body, init) if N else init
     e = jnp.maximum(noise.astype(f32), _TINY)
     s_r = r / e
     s_p = p[rows, cur] / e
