@@ -1,12 +1,15 @@
 """Speculative decoding speed-up over plain decoding, on real text.
 
     python benchmarks/speculative.py --target runs/target --draft runs/draft [--batches 1,8,32] [--temperature T]
-                                     [--out FILE]
+                                     [--medusa RUN] [--hydra RUN] [--eagle RUN] [--trees 1,16]
+                                     [--tree-depth D] [--tree-topk K] [--only medusa,eagle] [--out FILE]
 
 For each prompt set (prose: Shakespeare; code: the Python standard library;
 both cut from the validation documents of the target's own training run, so
 held out from training) and batch size, times plain greedy `generate`, speculative decoding
-with the draft model and with n-gram (prompt lookup) drafts, all in one process
+with the draft model, with n-gram (prompt lookup) drafts and with trained
+Medusa / Hydra heads and EAGLE drafters (a chain, tree size 1, and the
+trees of --trees; `--tree-depth` / `--tree-topk` shape them), all in one process
 on the same prompts; checks the speculative outputs equal plain greedy; reports
 wall-clock speed-up and mean accepted length (tokens per target forward).
 Without --target, a tiny random model is used so the script is exercised on
@@ -96,6 +99,13 @@ def main():
     ap.add_argument("--temperature", type=float, default=0.0,
                     help="0: greedy (speculative output must equal plain); > 0: sampling, where outputs differ by "
                          "design (exactness is the chi-squared tests' job) and only speed and acceptance are reported")
+    ap.add_argument("--medusa", help="a Medusa heads run (train.py --config configs/medusa.yaml)")
+    ap.add_argument("--hydra", help="a Hydra heads run (configs/medusa.yaml heads.hydra=true)")
+    ap.add_argument("--eagle", help="an EAGLE drafter run (configs/eagle.yaml)")
+    ap.add_argument("--trees", default="1,16", help="tree sizes for the heads / EAGLE drafters (1 = a chain)")
+    ap.add_argument("--tree-depth", type=int, default=None)
+    ap.add_argument("--tree-topk", type=int, default=None)
+    ap.add_argument("--only", default=None, help="comma-separated drafter names to run (default: all given)")
     ap.add_argument("--out")
     args = ap.parse_args()
     if args.target:
@@ -110,6 +120,22 @@ def main():
     if args.draft:
         dconfig, dparams = jaxar.from_pretrained(args.draft)
         draft_kw = dict(draft="model", draft_params=dparams, draft_config=dconfig)
+    candidates = [("model", draft_kw), ("ngram", dict(draft="ngram")), ("trigram", dict(draft="trigram")),
+                  ("aded", dict(draft="aded"))]
+    for name in ("medusa", "hydra", "eagle"):
+        path = getattr(args, name)
+        if not path:
+            continue
+        from jaxar.train.drafter import load_drafter_run
+
+        run = load_drafter_run(path)
+        for n in (int(x) for x in args.trees.split(",")):
+            label = f"{name}-{'chain' if n == 1 else f'tree{n}'}"
+            candidates.append((label, dict(draft=run.kind, draft_params=run.params, draft_config=run.heads_config,
+                                           tree_nodes=n, tree_depth=args.tree_depth, tree_topk=args.tree_topk)))
+    if args.only:
+        keep = set(args.only.split(","))
+        candidates = [(n, kw) for n, kw in candidates if n.split("-")[0] in keep or n in keep]
     batches = [int(b) for b in args.batches.split(",")]
     data_config = run_data_config(args.target)
     if args.draft and data_config is not None and run_data_config(args.draft) not in (None, data_config):
@@ -123,8 +149,7 @@ def main():
             common = dict(config=config, max_new_tokens=args.new_tokens, eos_ids=[],
                           sampling=SamplingConfig(temperature=args.temperature), seed=0)
             t_plain, plain = timed(lambda: generate(params, toks, lens, **common), args.repeats)
-            for drafter, kw in (("model", draft_kw), ("ngram", dict(draft="ngram")), ("trigram", dict(draft="trigram")),
-                                ("aded", dict(draft="aded"))):
+            for drafter, kw in candidates:
                 if kw is None:
                     continue
                 t_spec, spec = timed(lambda: speculative_generate(params, toks, lens, num_draft=args.num_draft,
@@ -135,6 +160,7 @@ def main():
                     "spec_tok_s": batch * args.new_tokens / t_spec,
                     "speedup": t_plain / t_spec,
                     "mean_accepted_length": float(np.sum(spec.num_tokens) / max(np.sum(spec.rounds), 1)),
+                    "target_forwards": int(np.max(spec.rounds)),
                     "acceptance_at": [round(float(a) / max(int(np.sum(spec.rounds)), 1), 3)
                                       for a in np.asarray(spec.accepted_at)],
                     "identical_to_plain": (bool(np.array_equal(np.asarray(spec.tokens), np.asarray(plain.tokens)))
@@ -148,10 +174,10 @@ def main():
         with open(args.out, "w") as f:
             json.dump({"meta": meta, "results": rows}, f, indent=2)
     print(f"\n{meta}")
-    print(f"{'prompts':>7} {'batch':>5} {'drafter':>7} {'plain tok/s':>11} {'spec tok/s':>10} {'speedup':>7} "
-          f"{'acc.len':>7} {'identical':>9}  acceptance by draft position")
+    print(f"{'prompts':>7} {'batch':>5} {'drafter':>13} {'plain tok/s':>11} {'spec tok/s':>10} {'speedup':>7} "
+          f"{'acc.len':>7} {'identical':>9}  acceptance by draft position / tree depth")
     for r in rows:
-        print(f"{r['prompts']:>7} {r['batch']:>5} {r['drafter']:>7} {r['plain_tok_s']:>11.1f} {r['spec_tok_s']:>10.1f} "
+        print(f"{r['prompts']:>7} {r['batch']:>5} {r['drafter']:>13} {r['plain_tok_s']:>11.1f} {r['spec_tok_s']:>10.1f} "
               f"{r['speedup']:>7.2f} {r['mean_accepted_length']:>7.2f} {'n/a' if r['identical_to_plain'] is None else r['identical_to_plain']!s:>9}  {r['acceptance_at']}")
 
 

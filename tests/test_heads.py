@@ -179,6 +179,24 @@ def _check_learned(rows, n=4):
     assert last < first - 0.1, (first, last)
 
 
+def _sample(base_dir, tmp_path, name, *extra):
+    from jaxar.decode import cli
+
+    out, stats = str(tmp_path / f"{name}.jsonl"), str(tmp_path / f"{name}.json")
+    assert cli.run(["--model", base_dir, "--prompt", "ROMEO: thou", "--prompt", "ab", "--max-new-tokens", "12",
+                    "--temperature", "0", "--no-progress", "--output", out, "--stats", stats, *extra]) == 0
+    return [json.loads(line) for line in open(out)], json.load(open(stats))
+
+
+def _sample_with_drafter_equals_plain(base_dir, run_dir, tmp_path, *tree):
+    """sample.py --draft RUN (greedy) writes the same completions as plain greedy sampling."""
+    plain, _ = _sample(base_dir, tmp_path, "plain")
+    spec, stats = _sample(base_dir, tmp_path, "spec", "--draft", run_dir, *tree)
+    assert [r["tokens"] for r in spec] == [r["tokens"] for r in plain]
+    assert stats["tokens_per_target_forward"] >= 1.0
+    return stats
+
+
 def test_train_medusa_and_load(base_dir, base, tmp_path):
     from jaxar.train.drafter import load_drafter_run
 
@@ -213,6 +231,8 @@ def test_train_hydra_resumes(base_dir, tmp_path, capsys):
 
     run = load_drafter_run(run_dir)
     assert run.heads_config.hydra and int(os.path.basename(run.step_dir)) == 16
+    stats = _sample_with_drafter_equals_plain(base_dir, run_dir, tmp_path, "--tree-nodes", "5", "--tree-topk", "2")
+    assert len(stats["acceptance_rate_per_position"]) == 2  # by tree depth: one per head
 
 
 def test_train_eagle_and_load(base_dir, base, tmp_path):
@@ -229,6 +249,9 @@ def test_train_eagle_and_load(base_dir, base, tmp_path):
     logits, hidden, _ = H.eagle_forward(run.params, bp, toks, jnp.zeros((1, 4, cfg.d_model)), config=run.heads_config,
                                         base_config=run.base_config)
     assert logits.shape == (1, 4, cfg.vocab_size) and bool(jnp.all(jnp.isfinite(logits)))
+    stats = _sample_with_drafter_equals_plain(base_dir, run_dir, tmp_path, "--tree-nodes", "6", "--tree-depth", "3",
+                                              "--tree-topk", "2")
+    assert len(stats["acceptance_rate_per_position"]) == 3
 
 
 def test_config_errors(base_dir, tmp_path):

@@ -123,3 +123,29 @@ def test_oracle_tree_sampled_rows_keep_greedy_rows_exact(setup):
         n = int(plain.num_tokens[b])
         assert int(out.num_tokens[b]) == n
         np.testing.assert_array_equal(np.asarray(out.tokens[b, :n]), np.asarray(plain.tokens[b, :n]))
+
+
+def _heads(kind, hydra=False, seed=1, scale=0.5):
+    """Untrained heads with random (not zero) residual weights, so drafts vary between positions."""
+    from jaxar.models import heads
+
+    cfg = heads.HeadsConfig(kind=kind, num_heads=3, hydra=hydra)
+    params = heads.init_heads(cfg, TARGET, jax.random.PRNGKey(seed))
+    leaves, tdef = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
+    leaves = [x + scale * jax.random.normal(k, x.shape, x.dtype) / np.sqrt(x.shape[0]) if kind == "medusa" else x
+              for x, k in zip(leaves, keys)]
+    return cfg, jax.tree_util.tree_unflatten(tdef, leaves)
+
+
+@pytest.mark.parametrize("kind,hydra,nodes,depth,topk", [
+    ("medusa", False, 1, 3, None), ("medusa", False, 8, 3, 3), ("medusa", True, 6, 3, 2),
+    ("eagle", False, 1, 3, None), ("eagle", False, 7, 3, 3)])
+def test_heads_and_eagle_greedy_equal_plain(setup, kind, hydra, nodes, depth, topk):
+    params, toks, lens, plain, _ = setup
+    cfg, hp = _heads(kind, hydra)
+    out = speculative_generate(params, toks, lens, config=TARGET, max_new_tokens=NEW, num_draft=1, draft=kind,
+                               draft_params=hp, draft_config=cfg, eos_ids=[3], tree_nodes=nodes, tree_depth=depth,
+                               tree_topk=topk)
+    _same(out, plain)
+    assert out.accepted_at.shape == (depth,)

@@ -71,10 +71,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=None, help="rows per batch (default: 8 for text, 64 for images)")
     p.add_argument("--num-beams", type=int, default=1)
-    p.add_argument("--draft", help="speculative decoding: a draft model directory or a drafter name: 'ngram' "
+    p.add_argument("--draft", help="speculative decoding: a draft model directory, a Medusa/Hydra or EAGLE "
+                   "drafter run (train.py --config configs/medusa.yaml / eagle.yaml), or a drafter name: 'ngram' "
                    "(prompt lookup), 'trigram' (latest-continuation trigram table), 'aded' (ADED: trigram counts + "
                    "PUCT draft search), or any other drafter registered in jaxar/decode/drafters/")
-    p.add_argument("--num-draft", type=int, default=4, help="draft tokens per speculative round")
+    p.add_argument("--num-draft", type=int, default=4, help="draft tokens per speculative round (chain drafters)")
+    p.add_argument("--tree-nodes", type=int, default=None, help="heads / EAGLE drafters: draft tree size N, "
+                   "verified in one target forward (1 = a chain; default 16)")
+    p.add_argument("--tree-depth", type=int, default=None, help="heads / EAGLE drafters: deepest draft (default: "
+                   "the number of heads for Medusa/Hydra, 5 for EAGLE)")
+    p.add_argument("--tree-topk", type=int, default=None, help="heads / EAGLE drafters: children tried per node "
+                   "(default 4)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     p.add_argument("--weight-quant", choices=["none", "int8"], default=None,
                    help="int8: weight-only int8 with a float scale per output channel (default: the model's)")
@@ -119,6 +126,12 @@ def _check_flags(args) -> None:
         raise UsageError("--num-beams > 1 is deterministic beam search; pass --temperature 0 with it")
     if args.num_draft < 1:
         raise UsageError(f"--num-draft must be >= 1, got {args.num_draft}")
+    for name in ("tree_nodes", "tree_depth", "tree_topk"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if value is not None and not args.draft:
+            raise UsageError(f"--{name.replace('_', '-')} needs --draft RUN (a Medusa/Hydra or EAGLE drafter run)")
     if args.draft and args.num_beams > 1:
         raise UsageError("--draft (speculative decoding) and --num-beams cannot be combined")
     if args.draft and args.repetition_penalty != 1.0:
@@ -531,8 +544,26 @@ def _generate_all(args, rows, stdout) -> int:
     draft_kw = None
     if args.draft == "model":
         raise UsageError("--draft model: give the draft model's directory instead")
+    from jaxar.train.drafter import is_drafter_run, load_drafter_run
+
+    tree_flags = [n for n in ("tree_nodes", "tree_depth", "tree_topk") if getattr(args, n) is not None]
     if args.draft and args.draft in drafters.names() and not os.path.isdir(args.draft):
         draft_kw = dict(draft=args.draft)
+    elif args.draft and os.path.isdir(args.draft) and is_drafter_run(args.draft):
+        try:
+            run = load_drafter_run(args.draft)
+        except (OSError, ValueError) as e:
+            raise UsageError(f"--draft {args.draft}: {e}") from None
+        if run.base_config is not None and run.base_config.vocab_size != config.vocab_size:
+            raise UsageError(f"--draft {args.draft}: the drafter was trained on a base with a vocabulary of "
+                             f"{run.base_config.vocab_size}, the model has {config.vocab_size}; train it on this "
+                             "model (base_model=...)")
+        if run.base_config is not None and run.base_config.d_model != config.d_model:
+            raise UsageError(f"--draft {args.draft}: the drafter reads {run.base_config.d_model}-wide hidden states, "
+                             f"the model's are {config.d_model}; train it on this model (base_model=...)")
+        draft_kw = dict(draft=run.kind, draft_params=run.params, draft_config=run.heads_config,
+                        tree_nodes=args.tree_nodes or 16, tree_depth=args.tree_depth,
+                        tree_topk=args.tree_topk)
     elif args.draft:
         draft_config, draft_params = _load_model(args.draft, args.dtype, progress=False if args.no_progress else None,
                                                  **quant)
@@ -540,10 +571,13 @@ def _generate_all(args, rows, stdout) -> int:
             raise UsageError(f"--draft {args.draft}: vocabulary of {draft_config.vocab_size} differs from the "
                              f"model's {config.vocab_size}; the draft must share the tokenizer")
         draft_kw = dict(draft="model", draft_params=draft_params, draft_config=draft_config)
+    if tree_flags and (draft_kw is None or "tree_nodes" not in draft_kw):
+        raise UsageError(f"--{tree_flags[0].replace('_', '-')} applies to Medusa/Hydra and EAGLE drafter runs only; "
+                         f"--draft {args.draft} drafts chains (use --num-draft)")
     if args.stop and tokenizer is None:
         raise UsageError(f"--stop needs the model's tokenizer to decode text, and {args.model} has none")
     ids, chat = _encode_rows(args, rows, tokenizer, config)
-    draft_config = draft_kw.get("draft_config") if draft_kw else None
+    draft_config = draft_kw.get("draft_config") if draft_kw and draft_kw["draft"] == "model" else None
     if draft_config is not None and draft_config.position != "learned":
         draft_config = None  # RoPE drafts extrapolate; learned positions end at max_seq_len
     for i, (row, toks) in enumerate(zip(rows, ids)):
@@ -602,7 +636,7 @@ def _generate_all(args, rows, stdout) -> int:
                 stats.setdefault("accepted", 0)
                 stats["accepted"] += int(np.asarray(res.accepted)[real].sum())
                 # per-position counts include the padding rows of the last batch (copies of a real prompt)
-                stats.setdefault("accepted_at", np.zeros(args.num_draft, np.int64))
+                stats.setdefault("accepted_at", np.zeros(len(np.asarray(res.accepted_at)), np.int64))
                 stats["accepted_at"] += np.asarray(res.accepted_at)
                 stats.setdefault("all_rounds", 0)
                 stats["all_rounds"] += int(np.asarray(res.rounds).sum())
@@ -647,9 +681,11 @@ def _generate_all(args, rows, stdout) -> int:
         rounds = max(stats["rounds"], 1)
         # tokens emitted per target forward (accepted drafts + the correction/bonus token)
         stats["mean_accepted_length"] = stats["generated_tokens"] / rounds
+        stats["tokens_per_target_forward"] = stats["mean_accepted_length"]
         stats["acceptance_rate_per_position"] = (stats.pop("accepted_at") / max(stats.pop("all_rounds"), 1)).tolist()
+        where = "tree depth" if "tree_nodes" in draft_kw else "draft position"
         print(f"speculative: mean accepted length {stats['mean_accepted_length']:.2f} tokens per target forward; "
-              f"acceptance by draft position {[round(x, 3) for x in stats['acceptance_rate_per_position']]}",
+              f"acceptance by {where} {[round(x, 3) for x in stats['acceptance_rate_per_position']]}",
               file=sys.stderr)
     print(f"generated {stats['generated_tokens']} tokens for {len(all_ids)} rows in {stats['wall_s']:.2f}s "
           f"({stats['tokens_per_s']:.1f} tok/s, first batch incl. compile {stats['compile_and_first_batch_s']:.2f}s)",
