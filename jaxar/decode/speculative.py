@@ -93,8 +93,8 @@ def speculative_generate(params, prompts, lengths, *, config: ModelConfig, max_n
 
     sampling: as for `generate` (one config, one per row, or SamplingParams);
       the repetition, presence and frequency penalties are not supported here.
-    verify_backend: "jnp" (acceptance.py) or "pallas" (the fused
-      pallas_kernels.verify kernel; interpret mode on CPU). Both consume the
+    verify_backend: "jnp" (acceptance.py, tree.py) or "pallas" (the fused
+      pallas_kernels.verify / verify_tree kernels; interpret mode on CPU). Both consume the
       same randomness and return the same result.
     budgets: optional int `[batch]` per-row limits (<= max_new_tokens).
     """
@@ -155,7 +155,7 @@ def _verify(logits, draft_probs, drafts, ctx: DraftContext, verify_backend: str)
     return jax.lax.cond(jnp.all(greedy), all_greedy, sampled)
 
 
-def _verify_tree(logits, draft_probs, drafts, parents, depth: int, ctx: DraftContext):
+def _verify_tree(logits, draft_probs, drafts, parents, depth: int, ctx: DraftContext, verify_backend: str):
     """`(path [B, depth], accepted [B], next_token [B])` for a tree of drafts:
     greedy rows take the longest root path matching the target argmax; sampled
     rows the exact recursive rejection over siblings (`tree.tree_accept`)."""
@@ -170,7 +170,13 @@ def _verify_tree(logits, draft_probs, drafts, parents, depth: int, ctx: DraftCon
     def sampled():
         p = probabilities(logits, ctx.sampling)  # [B, N+1, V]
         keys = row_keys(ctx.seed, B, ctx.step * (N + 2) + N + 1)
-        path_s, n_s, x_s = tree.tree_accept(p, draft_probs, drafts, parents, keys, depth)
+        if verify_backend == "pallas":
+            from pallas_kernels.verify import verify_tree
+
+            path_s, n_s, x_s = verify_tree(p, draft_probs, drafts, parents, key=keys, max_depth=depth,
+                                           interpret=jax.default_backend() == "cpu")
+        else:
+            path_s, n_s, x_s = tree.tree_accept(p, draft_probs, drafts, parents, keys, depth)
         path_g, n_g, x_g = all_greedy()
         g = greedy[:, None]
         return (jnp.where(g, path_g, path_s), jnp.where(greedy, n_g, n_s), jnp.where(greedy, x_g, x_s))
@@ -226,7 +232,7 @@ def _speculative(params, drafter_params, prompts, lengths, budgets, seed, sampli
             out = forward(params, verify_in, config=config, cache=t_cache, positions=positions,
                           tree_mask=tree.tree_mask(parents), hidden_layers=feature_layers)
             logits, t_cache = out[0], out[1]
-            path, n_acc, nxt = _verify_tree(logits, draft_probs, drafts, parents, depth, ctx)
+            path, n_acc, nxt = _verify_tree(logits, draft_probs, drafts, parents, depth, ctx, verify_backend)
             # the accepted path's keys and values move next to the root; the rest lies beyond the length
             t_cache = tree.compact_cache(t_cache, start, path, n_acc)
             path_tokens = jnp.take_along_axis(drafts, jnp.maximum(path, 0), axis=1)
