@@ -194,3 +194,23 @@ def test_tree_sampling_keeps_the_target_distribution_end_to_end():
     assert int(out.accepted.sum()) > n // 10  # the tree path was accepted often enough to matter
     res = stats.chisquare(counts.ravel(), joint.ravel() * n)
     assert res.pvalue > 1e-3, res
+
+
+def test_eagle_with_a_draft_vocabulary_equals_plain(setup):
+    """EAGLE drafting over a subset of the vocabulary (EAGLE-3's draft vocabulary): still lossless; every draft
+    token lies in the subset."""
+    from jaxar.train.drafter import draft_vocabulary
+
+    params, toks, lens, plain, _ = setup
+    cfg, hp = _heads("eagle")
+    counts = np.bincount(np.asarray(plain.tokens).ravel(), minlength=V)  # the subset holds the likely ids
+    vocab = draft_vocabulary(counts, V, 12)
+    top = np.lexsort((np.arange(V), -counts))[:12]  # most frequent first, ties to the lower id
+    assert vocab.tolist() == sorted(top.tolist())
+    out = speculative_generate(params, toks, lens, config=TARGET, max_new_tokens=NEW, num_draft=1, draft="eagle",
+                               draft_params=hp, draft_config=cfg, eos_ids=[3], tree_nodes=7, tree_depth=3,
+                               tree_topk=3, draft_vocab=vocab)
+    _same(out, plain)
+    drafter, dparams = drafters.make("eagle", num_draft=1, target_config=TARGET, draft_params=hp, draft_config=cfg,
+                                     target_params=params, tree_nodes=7, tree_depth=3, tree_topk=3, draft_vocab=vocab)
+    assert drafter.draft_vocab == 12 and np.array_equal(np.asarray(dparams[2]), vocab)

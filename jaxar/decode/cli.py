@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "the number of heads for Medusa/Hydra, 5 for EAGLE)")
     p.add_argument("--tree-topk", type=int, default=None, help="heads / EAGLE drafters: children tried per node "
                    "(default 4)")
+    p.add_argument("--draft-vocab", type=int, default=None, help="EAGLE drafters: draft only the N most frequent "
+                   "ids of the drafter's training data (a cheaper draft head; default 8192 for vocabularies over "
+                   "16384, 0 = the whole vocabulary)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     p.add_argument("--weight-quant", choices=["none", "int8"], default=None,
                    help="int8: weight-only int8 with a float scale per output channel (default: the model's)")
@@ -126,6 +129,8 @@ def _check_flags(args) -> None:
         raise UsageError("--num-beams > 1 is deterministic beam search; pass --temperature 0 with it")
     if args.num_draft < 1:
         raise UsageError(f"--num-draft must be >= 1, got {args.num_draft}")
+    if args.draft_vocab is not None and args.draft_vocab < 0:
+        raise UsageError(f"--draft-vocab must be >= 0 (0: the whole vocabulary), got {args.draft_vocab}")
     for name in ("tree_nodes", "tree_depth", "tree_topk"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -561,9 +566,13 @@ def _generate_all(args, rows, stdout) -> int:
         if run.base_config is not None and run.base_config.d_model != config.d_model:
             raise UsageError(f"--draft {args.draft}: the drafter reads {run.base_config.d_model}-wide hidden states, "
                              f"the model's are {config.d_model}; train it on this model (base_model=...)")
+        from jaxar.train.drafter import draft_vocabulary
+
+        size = args.draft_vocab if args.draft_vocab is not None else (8192 if config.vocab_size > 16384 else 0)
+        vocab = draft_vocabulary(run.token_counts, config.vocab_size, size) if size else None
         draft_kw = dict(draft=run.kind, draft_params=run.params, draft_config=run.heads_config,
                         tree_nodes=args.tree_nodes or 16, tree_depth=args.tree_depth,
-                        tree_topk=args.tree_topk)
+                        tree_topk=args.tree_topk, draft_vocab=vocab)
     elif args.draft:
         draft_config, draft_params = _load_model(args.draft, args.dtype, progress=False if args.no_progress else None,
                                                  **quant)

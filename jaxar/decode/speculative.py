@@ -58,7 +58,8 @@ def speculative_generate(params, prompts, lengths, *, config: ModelConfig, max_n
                          ngram: int = 2, sampling: Sampling = SamplingConfig(temperature=0.0), seed=0,
                          eos_ids: Optional[Sequence[int]] = None, pad_id: int = 0,
                          verify_backend: str = "jnp", budgets=None, tree_nodes: Optional[int] = None,
-                         tree_depth: Optional[int] = None, tree_topk: Optional[int] = None) -> SpeculativeOutput:
+                         tree_depth: Optional[int] = None, tree_topk: Optional[int] = None,
+                         draft_vocab=None) -> SpeculativeOutput:
     """Generate with speculative decoding; the output is distributed exactly as
     plain sampling from the target with the same `sampling` settings (greedy:
     token-for-token the same as `generate`).
@@ -85,7 +86,9 @@ def speculative_generate(params, prompts, lengths, *, config: ModelConfig, max_n
         of the heads' top-1 tokens when tree_nodes is 1.
       "eagle": the EAGLE-style one-layer feature drafter; a dynamic tree
         (EAGLE-2: depth `tree_depth`, top-k `tree_topk`, best `tree_nodes`
-        nodes), a chain when tree_nodes is 1.
+        nodes), a chain when tree_nodes is 1; `draft_vocab` (ids, e.g.
+        `jaxar.train.drafter.draft_vocabulary(run.token_counts, V, 8192)`)
+        restricts its drafts to those ids (a cheaper draft head).
       Trees are verified in one target forward through the tree mask and
       accepted losslessly (`tree.tree_accept`: recursive rejection over
       siblings; greedy: the longest path matching the argmax); the accepted
@@ -107,7 +110,7 @@ def speculative_generate(params, prompts, lengths, *, config: ModelConfig, max_n
     drafter, drafter_params = drafters.make(draft, num_draft=num_draft, target_config=config,
                                             draft_params=draft_params, draft_config=draft_config, ngram=ngram,
                                             target_params=params, tree_nodes=tree_nodes, tree_depth=tree_depth,
-                                            tree_topk=tree_topk)
+                                            tree_topk=tree_topk, draft_vocab=draft_vocab)
     num_draft = drafter.num_draft
     B = prompts.shape[0]
     check_same_mesh(params, drafter_params)

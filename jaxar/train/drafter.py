@@ -382,6 +382,7 @@ class DrafterRun(NamedTuple):
     run_config: dict
     base_config: Optional[ModelConfig] = None
     step_dir: Optional[str] = None
+    token_counts: Optional[np.ndarray] = None  # training-data id counts (the draft vocabulary), if recorded
 
 
 def _abstract(tree, sharding=None):
@@ -411,8 +412,51 @@ def load_drafter_run(path: str) -> DrafterRun:
         except Exception as e:  # noqa: BLE001 - orbax / tensorstore raise many kinds
             raise ckpt.CheckpointError(ckpt.describe_damage(e, "params")) from e
     ckpt.verify_checksums(params, ckpt.read_json_item(step_dir, "meta")["checksums"]["params"], "params")
+    counts = None
+    for where in (path, os.path.dirname(os.path.dirname(step_dir))):  # the run dir given, or above the step dir
+        if os.path.isfile(os.path.join(where, TOKEN_COUNTS_FILE)):
+            counts = np.load(os.path.join(where, TOKEN_COUNTS_FILE))
+            break
     return DrafterRun(kind=heads.kind, heads_config=heads, params=params, base_model_path=run["base_model"],
-                      run_config=run, base_config=base_config, step_dir=step_dir)
+                      run_config=run, base_config=base_config, step_dir=step_dir, token_counts=counts)
+
+
+TOKEN_COUNTS_FILE = "token_counts.npy"
+
+
+def token_counts(data, tokenizer, vocab_size: int) -> np.ndarray:
+    """int64 [vocab_size]: how often each id occurs in the training split of `data` (a DataConfig)
+    under `tokenizer`; the drafter's draft vocabulary is the most frequent ids (EAGLE-3's d2t)."""
+    from jaxar.train.data import load_documents, split_documents
+
+    train_docs, _ = split_documents(load_documents(data), data.val_fraction or 0.0)
+    counts = np.zeros((vocab_size,), np.int64)
+    for doc in train_docs:
+        ids = np.asarray(tokenizer.encode(doc), np.int64)
+        np.add.at(counts, ids[ids < vocab_size], 1)
+    return counts
+
+
+def write_token_counts(run_dir: str, data, tokenizer, vocab_size: int) -> str:
+    """Write `token_counts.npy` into a drafter run (kept if it is already there)."""
+    path = os.path.join(run_dir, TOKEN_COUNTS_FILE)
+    if not os.path.exists(path):
+        counts = token_counts(data, tokenizer, vocab_size)
+        with open(path + ".tmp", "wb") as f:
+            np.save(f, counts)
+        os.replace(path + ".tmp", path)
+    return path
+
+
+def draft_vocabulary(counts: Optional[np.ndarray], vocab_size: int, size: int) -> Optional[np.ndarray]:
+    """The `size` most frequent ids (ties: lower id first), sorted, or None (the whole vocabulary) when
+    there are no counts or size covers it."""
+    if counts is None or size is None or size >= vocab_size:
+        return None
+    if size < 1:
+        raise ValueError(f"draft vocabulary size must be >= 1, got {size}")
+    order = np.lexsort((np.arange(len(counts)), -np.asarray(counts)))
+    return np.sort(order[:size]).astype(np.int32)
 
 
 def is_drafter_run(path: str) -> bool:
@@ -521,6 +565,7 @@ def train_drafter(run: DrafterRunConfig, *, force: bool = False, devices=None, s
                 f.write(text)
             os.replace(name + ".tmp", name)
         tokenizer.save(run_dir)
+        write_token_counts(run_dir, run.data, tokenizer, base_config.vocab_size)
 
     replicated = NamedSharding(mesh, P())
     batch_sharding = shd.batch_sharding(mesh)
