@@ -380,3 +380,39 @@ def test_tree_forward_matches_root_paths_and_compaction_matches_a_chain():
     got = jaxar.forward(params, nxt, config=CONFIG, cache=compact)[0]
     want = jaxar.forward(params, nxt, config=CONFIG, cache=chain_cache)[0]
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
+
+
+def test_typical_acceptance_matches_a_python_reference():
+    """Medusa's typical acceptance (lossy): the deepest node whose whole root path passes
+    p(x) > min(eps, delta * exp(-H)) at its parent, against a plain-Python walk; next token from p at its end."""
+    from jaxar.decode.tree import tree_accept_typical
+
+    rng = np.random.default_rng(5)
+    B, N, V, D = 32, 7, 4, 3
+    parents = np.full((B, N), -1, np.int32)
+    for b in range(B):
+        for j in range(1, N):
+            parents[b, j] = rng.integers(-1, j)
+    tokens = rng.integers(0, V, (B, N)).astype(np.int32)
+    p = rng.dirichlet(np.full(V, 0.5), (B, N + 1)).astype(np.float32)
+    keys = jax.random.split(jax.random.PRNGKey(0), B)
+    path, n, nxt = tree_accept_typical(p, tokens, parents, keys, D, epsilon=0.3, delta=0.2)
+    path, n, nxt = np.asarray(path), np.asarray(n), np.asarray(nxt)
+    pp = p.astype(np.float64)
+    for b in range(B):
+        def thr(i):
+            h = -np.sum(pp[b, i] * np.log(np.maximum(pp[b, i], 1e-30)))
+            return min(0.3, 0.2 * np.exp(-h))
+        best, best_d, best_path = -1, 0, []
+        for j in range(N):
+            chain, c = [], j
+            while c >= 0:
+                chain.append(c)
+                c = parents[b, c]
+            chain = chain[::-1]
+            ok = all(pp[b, parents[b, c] + 1, tokens[b, c]] > thr(parents[b, c] + 1) for c in chain)
+            if ok and len(chain) <= D and len(chain) > best_d:
+                best, best_d, best_path = j, len(chain), chain
+        assert n[b] == best_d, b
+        assert path[b, :best_d].tolist() == best_path and np.all(path[b, best_d:] == -1)
+        assert pp[b, best + 1 if best_d else 0, nxt[b]] > 0

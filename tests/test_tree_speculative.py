@@ -214,3 +214,20 @@ def test_eagle_with_a_draft_vocabulary_equals_plain(setup):
     drafter, dparams = drafters.make("eagle", num_draft=1, target_config=TARGET, draft_params=hp, draft_config=cfg,
                                      target_params=params, tree_nodes=7, tree_depth=3, tree_topk=3, draft_vocab=vocab)
     assert drafter.draft_vocab == 12 and np.array_equal(np.asarray(dparams[2]), vocab)
+
+
+def test_typical_acceptance_in_the_loop(setup):
+    """acceptance='typical' (lossy, sampled rows only): greedy rows stay exact; chains refuse it."""
+    from jaxar.decode.sampling import SamplingConfig
+
+    params, toks, lens, plain, ref = setup
+    samp = [SamplingConfig(temperature=0.0), SamplingConfig(temperature=1.0)] * 2
+    out = speculative_generate(params, toks, lens, config=TARGET, max_new_tokens=NEW, num_draft=1,
+                               draft="oracle-tree", draft_params=ref, eos_ids=[3], sampling=samp,
+                               acceptance="typical")
+    for b in (0, 2):
+        n = int(plain.num_tokens[b])
+        np.testing.assert_array_equal(np.asarray(out.tokens[b, :n]), np.asarray(plain.tokens[b, :n]))
+    with pytest.raises(ValueError, match="tree drafters"):
+        speculative_generate(params, toks, lens, config=TARGET, max_new_tokens=4, num_draft=2, draft="ngram",
+                             acceptance="typical")

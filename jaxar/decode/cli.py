@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "the number of heads for Medusa/Hydra, 5 for EAGLE)")
     p.add_argument("--tree-topk", type=int, default=None, help="heads / EAGLE drafters: children tried per node "
                    "(default 4)")
+    p.add_argument("--acceptance", choices=["exact", "typical"], default="exact", help="heads / EAGLE drafters, "
+                   "sampled rows: exact (lossless recursive rejection) or typical (Medusa's typical acceptance: "
+                   "faster, LOSSY, see jaxar/decode/tree.py)")
     p.add_argument("--draft-vocab", type=int, default=None, help="EAGLE drafters: draft only the N most frequent "
                    "ids of the drafter's training data (a cheaper draft head; default 8192 for vocabularies over "
                    "16384, 0 = the whole vocabulary)")
@@ -572,7 +575,7 @@ def _generate_all(args, rows, stdout) -> int:
         vocab = draft_vocabulary(run.token_counts, config.vocab_size, size) if size else None
         draft_kw = dict(draft=run.kind, draft_params=run.params, draft_config=run.heads_config,
                         tree_nodes=args.tree_nodes or 16, tree_depth=args.tree_depth,
-                        tree_topk=args.tree_topk, draft_vocab=vocab)
+                        tree_topk=args.tree_topk, draft_vocab=vocab, acceptance=args.acceptance)
     elif args.draft:
         draft_config, draft_params = _load_model(args.draft, args.dtype, progress=False if args.no_progress else None,
                                                  **quant)
@@ -580,6 +583,8 @@ def _generate_all(args, rows, stdout) -> int:
             raise UsageError(f"--draft {args.draft}: vocabulary of {draft_config.vocab_size} differs from the "
                              f"model's {config.vocab_size}; the draft must share the tokenizer")
         draft_kw = dict(draft="model", draft_params=draft_params, draft_config=draft_config)
+    if args.acceptance != "exact" and (draft_kw is None or "tree_nodes" not in draft_kw):
+        raise UsageError("--acceptance typical applies to Medusa/Hydra and EAGLE drafter runs only")
     if tree_flags and (draft_kw is None or "tree_nodes" not in draft_kw):
         raise UsageError(f"--{tree_flags[0].replace('_', '-')} applies to Medusa/Hydra and EAGLE drafter runs only; "
                          f"--draft {args.draft} drafts chains (use --num-draft)")

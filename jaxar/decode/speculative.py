@@ -59,7 +59,7 @@ def speculative_generate(params, prompts, lengths, *, config: ModelConfig, max_n
                          eos_ids: Optional[Sequence[int]] = None, pad_id: int = 0,
                          verify_backend: str = "jnp", budgets=None, tree_nodes: Optional[int] = None,
                          tree_depth: Optional[int] = None, tree_topk: Optional[int] = None,
-                         draft_vocab=None) -> SpeculativeOutput:
+                         draft_vocab=None, acceptance: str = "exact") -> SpeculativeOutput:
     """Generate with speculative decoding; the output is distributed exactly as
     plain sampling from the target with the same `sampling` settings (greedy:
     token-for-token the same as `generate`).
@@ -94,6 +94,9 @@ def speculative_generate(params, prompts, lengths, *, config: ModelConfig, max_n
       siblings; greedy: the longest path matching the argmax); the accepted
       path's cache entries are moved next to the prefix (`tree.compact_cache`).
 
+    acceptance: "exact" (lossless) or, for tree drafters' sampled rows,
+      "typical" (Medusa's typical acceptance, `tree.tree_accept_typical`:
+      LOSSY, documented there; greedy rows stay exact).
     sampling: as for `generate` (one config, one per row, or SamplingParams);
       the repetition, presence and frequency penalties are not supported here.
     verify_backend: "jnp" (acceptance.py, tree.py) or "pallas" (the fused
@@ -101,6 +104,8 @@ def speculative_generate(params, prompts, lengths, *, config: ModelConfig, max_n
       same randomness and return the same result.
     budgets: optional int `[batch]` per-row limits (<= max_new_tokens).
     """
+    if acceptance not in ("exact", "typical"):
+        raise ValueError(f"acceptance must be 'exact' or 'typical', got {acceptance!r}")
     if verify_backend not in ("jnp", "pallas"):
         raise ValueError(f"verify_backend must be 'jnp' or 'pallas', got {verify_backend!r}")
     if num_draft < 1:
@@ -112,6 +117,8 @@ def speculative_generate(params, prompts, lengths, *, config: ModelConfig, max_n
                                             target_params=params, tree_nodes=tree_nodes, tree_depth=tree_depth,
                                             tree_topk=tree_topk, draft_vocab=draft_vocab)
     num_draft = drafter.num_draft
+    if acceptance == "typical" and not drafters.is_tree(drafter):
+        raise ValueError(f"acceptance='typical' is for tree drafters (medusa, eagle); draft={draft!r} drafts chains")
     B = prompts.shape[0]
     check_same_mesh(params, drafter_params)
     for name in ("repetition_penalty", "presence_penalty", "frequency_penalty"):
@@ -127,7 +134,7 @@ def speculative_generate(params, prompts, lengths, *, config: ModelConfig, max_n
     out = _speculative(params, drafter_params, fit_width(prompts, prompt_width), lengths, budgets,
                        jnp.asarray(seed, jnp.uint32), sampling, eos_array(eos_tuple(config, eos_ids)),
                        jnp.asarray(pad_id, jnp.int32), config=config, drafter=drafter, width=width,
-                       cache_len=cache_len, verify_backend=verify_backend)
+                       cache_len=cache_len, verify_backend=verify_backend, acceptance=acceptance)
     return out._replace(tokens=out.tokens[:, :max_new_tokens])
 
 
@@ -158,7 +165,8 @@ def _verify(logits, draft_probs, drafts, ctx: DraftContext, verify_backend: str)
     return jax.lax.cond(jnp.all(greedy), all_greedy, sampled)
 
 
-def _verify_tree(logits, draft_probs, drafts, parents, depth: int, ctx: DraftContext, verify_backend: str):
+def _verify_tree(logits, draft_probs, drafts, parents, depth: int, ctx: DraftContext, verify_backend: str,
+                 acceptance: str = "exact"):
     """`(path [B, depth], accepted [B], next_token [B])` for a tree of drafts:
     greedy rows take the longest root path matching the target argmax; sampled
     rows the exact recursive rejection over siblings (`tree.tree_accept`)."""
@@ -173,7 +181,9 @@ def _verify_tree(logits, draft_probs, drafts, parents, depth: int, ctx: DraftCon
     def sampled():
         p = probabilities(logits, ctx.sampling)  # [B, N+1, V]
         keys = row_keys(ctx.seed, B, ctx.step * (N + 2) + N + 1)
-        if verify_backend == "pallas":
+        if acceptance == "typical":
+            path_s, n_s, x_s = tree.tree_accept_typical(p, drafts, parents, keys, depth)
+        elif verify_backend == "pallas":
             from pallas_kernels.verify import verify_tree
 
             path_s, n_s, x_s = verify_tree(p, draft_probs, drafts, parents, key=keys, max_depth=depth,
@@ -188,9 +198,10 @@ def _verify_tree(logits, draft_probs, drafts, parents, depth: int, ctx: DraftCon
     return path.astype(jnp.int32), n.astype(jnp.int32), x.astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "drafter", "width", "cache_len", "verify_backend"))
+@functools.partial(jax.jit, static_argnames=("config", "drafter", "width", "cache_len", "verify_backend",
+                                             "acceptance"))
 def _speculative(params, drafter_params, prompts, lengths, budgets, seed, sampling, eos_ids, pad_id, *, config,
-                 drafter, width, cache_len, verify_backend):
+                 drafter, width, cache_len, verify_backend, acceptance="exact"):
     B, P = prompts.shape
     n_nodes = drafter.num_draft
     is_tree = drafters.is_tree(drafter)
@@ -235,7 +246,8 @@ def _speculative(params, drafter_params, prompts, lengths, budgets, seed, sampli
             out = forward(params, verify_in, config=config, cache=t_cache, positions=positions,
                           tree_mask=tree.tree_mask(parents), hidden_layers=feature_layers)
             logits, t_cache = out[0], out[1]
-            path, n_acc, nxt = _verify_tree(logits, draft_probs, drafts, parents, depth, ctx, verify_backend)
+            path, n_acc, nxt = _verify_tree(logits, draft_probs, drafts, parents, depth, ctx, verify_backend,
+                                               acceptance)
             # the accepted path's keys and values move next to the root; the rest lies beyond the length
             t_cache = tree.compact_cache(t_cache, start, path, n_acc)
             path_tokens = jnp.take_along_axis(drafts, jnp.maximum(path, 0), axis=1)

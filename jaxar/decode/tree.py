@@ -53,6 +53,7 @@ __all__ = [
     "draw_tree_randomness",
     "tree_accept_from_randomness",
     "tree_accept",
+    "tree_accept_typical",
     "compact_cache",
 ]
 
@@ -563,6 +564,48 @@ def tree_accept(p, q, tokens, parents, key, max_depth: int):
     B, N, V = _check_tree_inputs(p, None if q is None else jnp.asarray(q), tokens, jnp.asarray(parents), max_depth)
     uniforms, noise = draw_tree_randomness(key, B, N, V)
     return tree_accept_from_randomness(p, q, tokens, parents, uniforms, noise, max_depth)
+
+
+def tree_accept_typical(p, tokens, parents, key, max_depth: int, *, epsilon: float = 0.3, delta: float = 0.09):
+    """Medusa's typical acceptance: a LOSSY option (the output is not the target's distribution).
+
+    A node is plausible when its token's target probability at its parent is
+    above ``min(epsilon, delta * exp(-H(p[parent])))`` (H the entropy in nats);
+    the accepted path is the deepest node whose whole root path is plausible
+    (ties: the lowest index), capped at ``max_depth``, and the next token is
+    sampled from ``p`` at its end. What it guarantees: every accepted token
+    had at least that probability under the target (greedy-like when the
+    target is confident, more permissive when it is uncertain); what it does
+    not: the joint distribution of the output (use ``tree_accept`` for exact
+    sampling). The randomness of the next token is ``draw_tree_randomness``'s noise.
+
+    Returns ``(path [B, D], n_acc [B], next_token [B])`` as ``tree_accept``.
+    """
+    p = jnp.asarray(p, jnp.float32)
+    tokens = jnp.asarray(tokens, jnp.int32)
+    parents = jnp.asarray(parents, jnp.int32)
+    B, N, V = _check_tree_inputs(p, None, tokens, parents, max_depth)
+    D = int(max_depth)
+    anc = _ancestors(parents)[:, 1:, 1:]  # [B, N, N] node j is i or an ancestor of i
+    entropy = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.maximum(p, 1e-30)), 0.0), axis=-1)  # [B, N+1]
+    threshold = jnp.minimum(epsilon, delta * jnp.exp(-entropy))
+    par_idx = parents + 1  # the parent's index in [root, nodes]
+    p_tok = jnp.take_along_axis(jnp.take_along_axis(p, par_idx[:, :, None], axis=1), tokens[:, :, None], axis=2)[..., 0]
+    ok = p_tok > jnp.take_along_axis(threshold, par_idx, axis=1)  # [B, N]
+    good = jnp.all(anc <= ok[:, None, :], axis=-1)  # every ancestor-or-self plausible
+    depth = jnp.sum(anc, axis=-1).astype(jnp.int32)  # [B, N]
+    score = jnp.where(good & (depth <= D), depth, 0)
+    best = jnp.argmax(score, axis=1).astype(jnp.int32)  # the first deepest
+    n_acc = jnp.max(score, axis=1).astype(jnp.int32)
+    on_path = jnp.take_along_axis(anc, best[:, None, None], axis=1)[:, 0] & (n_acc[:, None] > 0)  # [B, N]
+    d_iota = jnp.arange(1, D + 1, dtype=jnp.int32)
+    hit = on_path[:, None, :] & (depth[:, None, :] == d_iota[None, :, None])  # [B, D, N]
+    path = jnp.where(jnp.any(hit, -1), jnp.argmax(hit, -1), -1).astype(jnp.int32)
+    end = jnp.where(n_acc > 0, best + 1, 0)
+    p_end = jnp.take_along_axis(p, end[:, None, None], axis=1)[:, 0]
+    _, noise = draw_tree_randomness(key, B, N, V)
+    nxt = first_argmax(p_end / jnp.maximum(noise, TINY))
+    return path, n_acc, nxt.astype(jnp.int32)
 
 
 # ----------------------------------------------------------------------------------------------------------------
