@@ -105,6 +105,8 @@ def main():
     ap.add_argument("--trees", default="1,16", help="tree sizes for the heads / EAGLE drafters (1 = a chain)")
     ap.add_argument("--tree-depth", type=int, default=None)
     ap.add_argument("--tree-topk", type=int, default=None)
+    ap.add_argument("--draft-vocab", type=int, default=8192,
+                    help="EAGLE: draft over the N most frequent training ids when the vocabulary is larger (0: all)")
     ap.add_argument("--only", default=None, help="comma-separated drafter names to run (default: all given)")
     ap.add_argument("--out")
     args = ap.parse_args()
@@ -128,11 +130,16 @@ def main():
             continue
         from jaxar.train.drafter import load_drafter_run
 
+        from jaxar.train.drafter import draft_vocabulary
+
         run = load_drafter_run(path)
+        vocab = (draft_vocabulary(run.token_counts, config.vocab_size, args.draft_vocab)
+                 if name == "eagle" and args.draft_vocab else None)
         for n in (int(x) for x in args.trees.split(",")):
             label = f"{name}-{'chain' if n == 1 else f'tree{n}'}"
             candidates.append((label, dict(draft=run.kind, draft_params=run.params, draft_config=run.heads_config,
-                                           tree_nodes=n, tree_depth=args.tree_depth, tree_topk=args.tree_topk)))
+                                           tree_nodes=n, tree_depth=args.tree_depth, tree_topk=args.tree_topk,
+                                           **({"draft_vocab": vocab} if vocab is not None else {}))))
     if args.only:
         keep = set(args.only.split(","))
         candidates = [(n, kw) for n, kw in candidates if n.split("-")[0] in keep or n in keep]
@@ -168,7 +175,9 @@ def main():
                 })
     meta = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "target": args.target,
             "temperature": args.temperature,
-            "draft": args.draft, "num_draft": args.num_draft, "prompt_len": args.prompt_len,
+            "draft": args.draft, "num_draft": args.num_draft, "medusa": args.medusa, "hydra": args.hydra,
+            "eagle": args.eagle, "trees": args.trees, "tree_depth": args.tree_depth, "tree_topk": args.tree_topk,
+            "draft_vocab": args.draft_vocab, "prompt_len": args.prompt_len,
             "new_tokens": args.new_tokens, "date": time.strftime("%Y-%m-%d")}
     if args.out:
         with open(args.out, "w") as f:
