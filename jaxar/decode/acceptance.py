@@ -82,14 +82,25 @@ def draw_verify_randomness(key, batch: int, k: int, vocab: int):
     return _draw_verify_randomness(key, int(batch), int(k), int(vocab))
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 3))
-def _draw_verify_randomness(key, batch, k, vocab):
+def key_layout(key, batch: int):
+    """``(key, single)``: a PRNG key checked to be one key (``single``) or one per
+    row (typed ``[batch]`` or raw ``uint32 [batch, 2]``); one-line errors otherwise."""
     typed = _is_typed_key(key)
     key = key if typed else jnp.asarray(key)
     if not typed and key.dtype != jnp.uint32:
         raise ValueError(f"key must be a PRNG key, got dtype {key.dtype}")
     single_shape = () if typed else (2,)
     per_row_shape = (batch,) if typed else (batch, 2)
+    if key.shape not in (single_shape, per_row_shape):
+        raise ValueError(
+            f"key must be one key ({'typed scalar' if typed else 'uint32[2]'}) or one per row "
+            f"(shape {per_row_shape}); got shape {key.shape}")
+    return key, key.shape == single_shape
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _draw_verify_randomness(key, batch, k, vocab):
+    key, single = key_layout(key, batch)
 
     def draw(kk, lead):
         ku, ke = jax.random.split(kk)
@@ -97,13 +108,9 @@ def _draw_verify_randomness(key, batch, k, vocab):
         e = jax.random.exponential(ke, lead + (k + 1, vocab), jnp.float32)
         return u, jnp.maximum(e, TINY)
 
-    if key.shape == single_shape:
+    if single:
         return draw(key, (batch,))
-    if key.shape == per_row_shape:
-        return jax.vmap(lambda kk: draw(kk, ()))(key)
-    raise ValueError(
-        f"key must be one key ({'typed scalar' if typed else 'uint32[2]'}) or one per row "
-        f"(shape {per_row_shape}); got shape {key.shape}")
+    return jax.vmap(lambda kk: draw(kk, ()))(key)
 
 
 def _check_shapes(target_probs, draft_probs, draft_tokens, uniforms=None, noise=None):

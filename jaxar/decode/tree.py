@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxar.cache import KVCache
-from jaxar.decode.acceptance import TINY, first_argmax
+from jaxar.decode.acceptance import TINY, first_argmax, key_layout
 
 __all__ = [
     "FixedTree",
@@ -410,10 +410,6 @@ def _greedy_core(target, tokens, parents, max_depth):
     return path, n, want
 
 
-def _is_typed_key(x) -> bool:
-    return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
-
-
 def draw_tree_randomness(key, batch: int, n_nodes: int, vocab: int):
     """``(uniforms [B, N], noise [B, V])`` float32 for one tree verification.
 
@@ -429,12 +425,7 @@ def draw_tree_randomness(key, batch: int, n_nodes: int, vocab: int):
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
 def _draw_tree_randomness(key, batch, n_nodes, vocab):
-    typed = _is_typed_key(key)
-    key = key if typed else jnp.asarray(key)
-    if not typed and key.dtype != jnp.uint32:
-        raise ValueError(f"key must be a PRNG key, got dtype {key.dtype}")
-    single_shape = () if typed else (2,)
-    per_row_shape = (batch,) if typed else (batch, 2)
+    key, single = key_layout(key, batch)
 
     def draw(k):
         ku, ke = jax.random.split(k)
@@ -442,11 +433,8 @@ def _draw_tree_randomness(key, batch, n_nodes, vocab):
         e = jax.random.exponential(ke, (vocab,), jnp.float32)
         return u, jnp.maximum(e, TINY)
 
-    if key.shape == single_shape:
+    if single:
         key = jax.random.split(key, batch)
-    elif key.shape != per_row_shape:
-        raise ValueError(f"key must be one key per row (shape {per_row_shape}) or a single key; got shape "
-                         f"{key.shape}")
     return jax.vmap(draw)(key)
 
 
