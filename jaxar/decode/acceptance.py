@@ -47,6 +47,7 @@ __all__ = [
     "deterministic_accept",
     "greedy_accept",
     "accept_from_randomness",
+    "accept_from_masses",
     "emitted_tokens",
     "first_argmax",
 ]
@@ -174,8 +175,35 @@ def accept_from_randomness(target_probs, draft_probs, draft_tokens, uniforms, no
     return _accept_core(target_probs, draft_probs, draft_tokens, uniforms, noise)
 
 
+def accept_from_masses(target_probs, draft_probs, draft_tokens, uniforms, noise, px, qx):
+    """:func:`accept_from_randomness` with the acceptance test on given masses.
+
+    Draft ``i`` is accepted iff ``(u_i * qx_i < px_i) | ((px_i >= qx_i) & (px_i > 0))``,
+    i.e. with probability ``min(1, px_i / qx_i)``, where ``px, qx`` ``[B, k]``
+    replace ``p_i(x_i), q_i(x_i)`` (e.g. the masses of a group of tokens around
+    ``x_i`` for grouped speculative decoding). The token at the first
+    rejection ``n`` is still drawn from ``norm(max(0, p_n - q_n))`` and the
+    bonus from ``p_k``, with the same exponential race; with
+    ``px = p_i(x_i), qx = q_i(x_i)`` the result is bit-identical to
+    :func:`accept_from_randomness`.
+
+    Returns ``(accepted_len [B] int32 in 0..k, next_token [B] int32)``.
+    """
+    target_probs = jnp.asarray(target_probs)
+    draft_tokens = jnp.asarray(draft_tokens)
+    uniforms = jnp.asarray(uniforms)
+    noise = jnp.asarray(noise)
+    draft_probs = None if draft_probs is None else jnp.asarray(draft_probs)
+    px, qx = jnp.asarray(px), jnp.asarray(qx)
+    B, k, _ = _check_shapes(target_probs, draft_probs, draft_tokens, uniforms, noise)
+    for name, m in (("px", px), ("qx", qx)):
+        if m.shape != (B, k):
+            raise ValueError(f"{name} must be [B, k] = {(B, k)} like draft_tokens, got {m.shape}")
+    return _accept_core(target_probs, draft_probs, draft_tokens, uniforms, noise, px, qx)
+
+
 @jax.jit
-def _accept_core(target_probs, draft_probs, draft_tokens, uniforms, noise):
+def _accept_core(target_probs, draft_probs, draft_tokens, uniforms, noise, px=None, qx=None):
     V = target_probs.shape[-1]
     k = draft_tokens.shape[-1]
     p = target_probs.astype(jnp.float32)
@@ -184,13 +212,18 @@ def _accept_core(target_probs, draft_probs, draft_tokens, uniforms, noise):
     toks = draft_tokens.astype(jnp.int32)
     cols = jnp.arange(V, dtype=jnp.int32)
 
-    # Acceptance tests.
-    px = jnp.take_along_axis(p[:, :k], toks[..., None], axis=-1)[..., 0]
-    if draft_probs is None:
-        qx = jnp.where((toks >= 0) & (toks < V), 1.0, 0.0).astype(jnp.float32)
-    else:
+    # Acceptance tests (on p_i(x_i), q_i(x_i) unless the masses are given).
+    if draft_probs is not None:
         q = draft_probs.astype(jnp.float32)
-        qx = jnp.take_along_axis(q, toks[..., None], axis=-1)[..., 0]
+    if px is None:
+        px = jnp.take_along_axis(p[:, :k], toks[..., None], axis=-1)[..., 0]
+    px = px.astype(jnp.float32)
+    if qx is None:
+        if draft_probs is None:
+            qx = jnp.where((toks >= 0) & (toks < V), 1.0, 0.0).astype(jnp.float32)
+        else:
+            qx = jnp.take_along_axis(q, toks[..., None], axis=-1)[..., 0]
+    qx = qx.astype(jnp.float32)
     accepted = (u * qx < px) | ((px >= qx) & (px > 0))
     n = jnp.sum(jnp.cumprod(accepted.astype(jnp.int32), axis=-1), axis=-1).astype(jnp.int32)
 
