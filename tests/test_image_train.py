@@ -213,3 +213,45 @@ def test_an_interrupted_image_run_resumes_to_the_uninterrupted_params(runs, tiny
     with pytest.raises(ConfigError, match="already holds a run with a different configuration"):
         vision.train_image(_config("fashion-classifier.yaml", tmp_path / "cut", tiny_data, *args,
                                    "model.feature_dim=16"))
+
+
+def test_sample_cli_speculative_raster_decoding(runs, tmp_path, capsys):
+    """--decode sjd / mcsjd / draft:DIR with exact and relaxed acceptance: greedy images equal plain decoding's
+    (the raster run drafts for itself: same tokenizer), the stats report the measured forwards."""
+    raster = runs["raster"].run_dir
+    common = ["--model", raster, "--labels", "0,4", "--per-label", "2", "--temperature", "0", "--no-progress"]
+    code, cap = _sample(common + ["--output-dir", str(tmp_path / "plain")], capsys)
+    assert code == 0, cap.err
+    with np.load(tmp_path / "plain" / "samples.npz") as f:
+        plain = f["images"]
+    for i, extra in enumerate([["--decode", "sjd", "--window", "4"],
+                               ["--decode", "mcsjd", "--accept", "lantern:3,0.1", "--jacobi-init", "previous"],
+                               ["--decode", f"draft:{raster}", "--window", "3", "--accept", "gsd:2"]]):
+        out = tmp_path / f"spec{i}"
+        code, cap = _sample(common + extra + ["--output-dir", str(out), "--stats", str(tmp_path / f"s{i}.json")],
+                            capsys)
+        assert code == 0, cap.err
+        with np.load(out / "samples.npz") as f:
+            np.testing.assert_array_equal(f["images"], plain)
+        stats = json.loads((tmp_path / f"s{i}.json").read_text())
+        assert stats["decode"] == extra[1].split(":")[0] and 1 <= stats["forwards_per_image"] <= 49
+        assert stats["tokens_per_forward"] == pytest.approx(49 / stats["forwards_per_image"])
+        assert stats["tv_bound_per_code"] == 0.0  # greedy rows are exact whatever the rule
+        assert (stats["draft_forwards_per_image"] > 0) == (i == 2)
+
+
+@pytest.mark.parametrize("model, extra, message", [
+    ("var", ["--decode", "sjd"], "--decode sjd is for raster runs"),
+    ("raster", ["--decode", "jacobi"], "use plain, sjd, mcsjd or draft:DIR"),
+    ("raster", ["--decode", "sjd", "--window", "0"], "--window must be >= 1"),
+    ("raster", ["--accept", "lantern:3,0.1"], "--accept / --window are for speculative decoding"),
+    ("raster", ["--decode", "sjd", "--accept", "lantern:3"], "lantern"),
+    ("raster", ["--decode", "draft:vq"], "the draft must be a raster run"),
+])
+def test_sample_cli_speculative_errors_are_one_line(runs, tmp_path, capsys, model, extra, message):
+    extra = [f"draft:{runs['vq'].run_dir}" if e == "draft:vq" else e for e in extra]
+    code, cap = _sample(["--model", runs[model].run_dir, "--labels", "0", "--output-dir", str(tmp_path / "e")]
+                        + extra, capsys)
+    assert code == 2
+    lines = cap.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sample.py: error:") and message in lines[0], cap.err

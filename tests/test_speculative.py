@@ -28,7 +28,7 @@ def setup():
 
 
 @pytest.mark.parametrize("draft,k", [("perfect", 3), ("poor", 2), ("poor", 4), ("ngram", 3), ("trigram", 3),
-                                     ("aded", 4)])
+                                     ("aded", 4), ("jacobi", 3), ("mcjacobi", 4)])
 def test_greedy_speculative_equals_plain_greedy(setup, draft, k):
     params, toks, lens, plain = setup
     kw = {}
@@ -109,7 +109,7 @@ def test_ngram_drafts_copy_the_continuation_of_the_latest_match():
     assert none.tolist() == [[3, 3]]
 
 
-@pytest.mark.parametrize("draft", ["model", "ngram", "trigram", "aded"])
+@pytest.mark.parametrize("draft", ["model", "ngram", "trigram", "aded", "jacobi", "mcjacobi"])
 def test_sampling_draws_from_the_target_distribution(draft):
     """chi-squared on the first two sampled tokens (36 cells) against the exact
     target distribution p(t1) p(t2 | t1), with a poor draft model or n-gram drafts."""

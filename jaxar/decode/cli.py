@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draft", help="speculative decoding: a draft model directory, a Medusa/Hydra or EAGLE "
                    "drafter run (train.py --config configs/medusa.yaml / eagle.yaml), or a drafter name: 'ngram' "
                    "(prompt lookup), 'trigram' (latest-continuation trigram table), 'aded' (ADED: trigram counts + "
-                   "PUCT draft search), or any other drafter registered in jaxar/decode/drafters/")
+                   "PUCT draft search), 'jacobi' / 'mcjacobi' (speculative Jacobi windows, SJD / MC-SJD), or any other drafter registered in jaxar/decode/drafters/")
     p.add_argument("--num-draft", type=int, default=4, help="draft tokens per speculative round (chain drafters)")
     p.add_argument("--tree-nodes", type=int, default=None, help="heads / EAGLE drafters: draft tree size N, "
                    "verified in one target forward (1 = a chain; default 16)")
@@ -108,6 +108,17 @@ def build_parser() -> argparse.ArgumentParser:
                      "default: the model kind's")
     img.add_argument("--output-dir", help="where samples.npz and grid.png are written")
     img.add_argument("--overwrite", action="store_true", help="replace samples.npz / grid.png in --output-dir")
+    img.add_argument("--decode", default="plain", help="raster models: plain (one forward per code), sjd "
+                     "(speculative Jacobi decoding), mcsjd (SJD with coupled draws) or draft:DIR (a small raster run "
+                     "on the same tokenizer drafts); default plain")
+    img.add_argument("--window", type=int, default=None, help="--decode sjd / mcsjd / draft: codes drafted per "
+                     "round (default 16 for sjd / mcsjd, 4 for draft)")
+    img.add_argument("--accept", default="exact", help="--decode sjd / mcsjd / draft: exact (the model's "
+                     "distribution), lantern:K,DELTA (K latent neighbours, per-code total-variation budget DELTA) or "
+                     "gsd:G[,P_THR[,D_THR]] (grouped acceptance over +-G ranks); default exact")
+    img.add_argument("--jacobi-init", choices=["random", "previous"], default="random", help="--decode sjd / "
+                     "mcsjd: how codes entering the window start: random codes, or the previous iteration's newest "
+                     "distribution")
     return p
 
 
@@ -319,6 +330,9 @@ def run(argv: Optional[List[str]] = None, stdout=None) -> int:
                 return run_images(args, stdout)
             except ImageUsageError as e:
                 raise UsageError(str(e)) from None
+        if args.decode != "plain" or args.accept != "exact" or args.window is not None:
+            raise UsageError(f"--decode / --accept / --window are for raster image models, and {args.model} is a "
+                             "text model; for text use --draft (jacobi / mcjacobi for Jacobi windows, a draft DIR, ngram, ...)")
         if args.labels is not None or args.output_dir is not None:
             raise UsageError(f"--labels / --output-dir are for image models, and {args.model} is a text model; "
                              "give it --prompt TEXT (or --chat / --prompts) instead")

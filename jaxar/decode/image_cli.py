@@ -18,8 +18,10 @@ from typing import Optional
 
 import numpy as np
 
-IMAGE_FLAGS = ("labels", "per_label", "cfg_scale", "cfg_schedule", "output_dir", "overwrite")
+IMAGE_FLAGS = ("labels", "per_label", "cfg_scale", "cfg_schedule", "output_dir", "overwrite", "decode", "window",
+               "accept", "jacobi_init")
 DEFAULT_BATCH = 64
+DEFAULT_WINDOW = {"sjd": 16, "mcsjd": 16, "draft": 4}
 
 
 class ImageUsageError(Exception):
@@ -49,11 +51,19 @@ def row_seed(seed: int, batch_index: int) -> int:
 
 
 def sample_run(run, labels, *, cfg_scale: float, cfg_schedule: Optional[str], temperature: float, top_k: int,
-               top_p: float, seed: int, batch_size: int = DEFAULT_BATCH, progress: bool = True):
+               top_p: float, seed: int, batch_size: int = DEFAULT_BATCH, progress: bool = True,
+               decode: str = "plain", window: Optional[int] = None, accept: str = "exact",
+               jacobi_init: str = "random", draft_run=None):
     """Images (uint8 [N, 28, 28]) for `labels` [N] from a loaded image run, in padded batches.
 
-    Returns (images, stats) with stats: seconds (sampling, compile included in the first batch), compile_s
-    (the first batch's extra time, measured by running it twice), images_per_s (after compile), forwards_per_image.
+    decode: "plain" (one forward per code / scale) or, for raster runs, "sjd" | "mcsjd" | "draft" (with
+    `draft_run`) with `window` codes per round and acceptance `accept` (`jaxar.decode.image_spec`).
+
+    Returns (images, stats) with stats: seconds (sampling, compile included in the first batch), first_batch_s,
+    images_per_s (after the first batch), forwards_per_image (target forwards, measured per image for the
+    speculative decoders), and for those also tokens_per_forward, accepted_per_forward (drafts accepted per
+    round), tv_bound_per_code (the relaxed rule's mean per-code distortion bound, 0 when exact) and
+    draft_forwards_per_image (forwards of the draft model a batch ran, per image).
     """
     import jax
 
@@ -70,6 +80,20 @@ def sample_run(run, labels, *, cfg_scale: float, cfg_schedule: Optional[str], te
               top_k=int(top_k), top_p=float(top_p))
     if cfg_schedule is not None:
         kw["cfg_schedule"] = cfg_schedule
+    speculative = decode != "plain"
+    if speculative:
+        from jaxar.decode import image_spec
+        from jaxar.decode.relaxed import build_tables, parse_accept
+
+        window = window or DEFAULT_WINDOW[decode]
+        rule = parse_accept(accept)
+        codebook = np.asarray(run.tokenizer[1]["params"]["codebook"]) if rule.kind != "exact" else None
+        kw.pop("tokenizer")
+        kw.update(decode=decode, window=window, accept=rule, tables=jax.device_put(build_tables(rule, codebook)),
+                  drafter=image_spec.make_drafter(decode, window=window, config=config, draft_run=draft_run,
+                                                  jacobi_init=jacobi_init,
+                                                  cfg_schedule=cfg_schedule or "constant"))
+        sums = {"rounds": 0, "accepted": 0, "tv": 0.0, "draft_forwards": 0}
     bar = None
     batches = range(0, n, batch_size)
     if progress:
@@ -82,7 +106,15 @@ def sample_run(run, labels, *, cfg_scale: float, cfg_schedule: Optional[str], te
     for b, start in enumerate(batches):
         chunk = labels[start:start + batch_size]
         padded = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - len(chunk))])
-        tokens = sample_tokens(params, padded, seed=row_seed(seed, b), **kw)
+        if speculative:
+            tokens, st = image_spec.speculative_image_tokens(params, padded, seed=row_seed(seed, b), **kw)
+            real = slice(0, len(chunk))
+            sums["rounds"] += int(np.sum(np.asarray(st.rounds)[real]))
+            sums["accepted"] += int(np.sum(np.asarray(st.accepted)[real]))
+            sums["tv"] += float(np.sum(np.asarray(st.tv)[real]))
+            sums["draft_forwards"] += int(st.draft_forwards) * len(chunk)
+        else:
+            tokens = sample_tokens(params, padded, seed=row_seed(seed, b), **kw)
         images = np.asarray(jax.device_get(decode_images(tokens, config=config, tokenizer=run.tokenizer)))
         out.append(images[: len(chunk)])
         if first_s is None:
@@ -96,8 +128,56 @@ def sample_run(run, labels, *, cfg_scale: float, cfg_schedule: Optional[str], te
     n_steady = n - min(batch_size, n)
     stats = {"images": n, "batch_size": batch_size, "seconds": total, "first_batch_s": first_s,
              "images_per_s": n_steady / steady if n_steady and steady > 0 else None,
-             "forwards_per_image": forwards_per_image(config)}
+             "forwards_per_image": forwards_per_image(config), "decode": decode}
+    if speculative:
+        stats.update(window=window, accept=accept, forwards_per_image=sums["rounds"] / n,
+                     tokens_per_forward=n * config.seq_len / sums["rounds"],
+                     accepted_per_forward=sums["accepted"] / sums["rounds"],
+                     tv_bound_per_code=sums["tv"] / (n * config.seq_len),
+                     draft_forwards_per_image=sums["draft_forwards"] / n)
     return np.concatenate(out), stats
+
+
+def _decode_options(args, run):
+    """(decode kind, loaded draft run or None) from --decode / --window / --accept, checked against the run."""
+    from jaxar.decode.image_spec import parse_decode
+    from jaxar.decode.relaxed import parse_accept
+    from jaxar.train.vision import load_image_run
+
+    try:
+        decode, draft_dir = parse_decode(args.decode)
+        parse_accept(args.accept)
+    except ValueError as e:
+        raise ImageUsageError(str(e)) from None
+    if decode == "plain":
+        if args.accept != "exact" or args.window is not None:
+            raise ImageUsageError("--accept / --window are for speculative decoding: add --decode sjd, mcsjd or "
+                                  "draft:DIR")
+        return decode, None
+    if run.config.kind != "raster":
+        raise ImageUsageError(f"--decode {args.decode} is for raster runs; {args.model} is a {run.config.kind} run "
+                              "(it samples a whole scale per forward already): drop --decode")
+    if args.window is not None and args.window < 1:
+        raise ImageUsageError(f"--window must be >= 1, got {args.window}")
+    if decode != "draft":
+        return decode, None
+    try:
+        draft_run = load_image_run(draft_dir)
+    except (OSError, ValueError) as e:
+        raise ImageUsageError(f"--decode draft:{draft_dir}: {e}") from None
+    if draft_run.task != "raster":
+        raise ImageUsageError(f"--decode draft:{draft_dir} is a {draft_run.task!r} run; the draft must be a raster "
+                              "run on the same tokenizer (train.py --config configs/fashion-raster-draft.yaml)")
+    for name in ("codebook_size", "num_classes", "side"):
+        a, b = getattr(draft_run.config, name), getattr(run.config, name)
+        if a != b:
+            raise ImageUsageError(f"--decode draft:{draft_dir}: its {name} {a} != the model's {b}; train the draft "
+                                  "on the same tokenizer and classes")
+    codes = [np.asarray(r.tokenizer[1]["params"]["codebook"]) for r in (draft_run, run)]
+    if codes[0].shape != codes[1].shape or not np.array_equal(*codes):
+        raise ImageUsageError(f"--decode draft:{draft_dir} was trained on another tokenizer than {args.model}; "
+                              "train the draft with the model's tokenizer_run")
+    return decode, draft_run
 
 
 def forwards_per_image(config) -> int:
@@ -141,13 +221,16 @@ def run_images(args, stdout=None) -> int:
     if run.task not in ("raster", "var"):
         raise ImageUsageError(f"--model {args.model} is a {run.task!r} run, not a generative image model; sample "
                               "from a raster or var run (train.py --config configs/fashion-var.yaml)")
+    decode, draft_run = _decode_options(args, run)
     names = FASHION_MNIST_CLASSES if run.config.num_classes == len(FASHION_MNIST_CLASSES) else None
     labels = parse_labels(args.labels, run.config.num_classes, names)
     all_labels = np.repeat(np.asarray(labels, np.int64), args.per_label)
     cfg_scale = DEFAULT_CFG_SCALE if args.cfg_scale is None else args.cfg_scale
     images, stats = sample_run(run, all_labels, cfg_scale=cfg_scale, cfg_schedule=args.cfg_schedule,
                                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                               batch_size=args.batch_size or DEFAULT_BATCH, progress=not args.no_progress)
+                               batch_size=args.batch_size or DEFAULT_BATCH, progress=not args.no_progress,
+                               decode=decode, window=args.window, accept=args.accept, jacobi_init=args.jacobi_init,
+                               draft_run=draft_run)
     os.makedirs(out_dir, exist_ok=True)
     tmp = os.path.join(out_dir, ".samples.tmp.npz")
     np.savez(tmp, images=images, labels=all_labels)

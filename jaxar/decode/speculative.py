@@ -73,6 +73,9 @@ def speculative_generate(params, prompts, lengths, *, config: ModelConfig, max_n
         accepted with probability p(x).
       "trigram": the latest-continuation trigram table of `trigram_drafts`,
         also deterministic.
+      "jacobi" / "mcjacobi": speculative Jacobi decoding (SJD / MC-SJD,
+        `drafters/jacobi.py`): the window of k drafts is the previous round's
+        target distributions, redrawn (or maximally coupled) each round.
       "aded": ADED's trigram matrix (continuation counts, updated with every
         emitted token) with a PUCT draft maker that balances exploiting
         frequent continuations against exploring rarely tried ones, learning
@@ -207,6 +210,9 @@ def _speculative(params, drafter_params, prompts, lengths, budgets, seed, sampli
     is_tree = drafters.is_tree(drafter)
     depth = drafters.max_depth(drafter)
     feature_layers = tuple(getattr(drafter, "feature_layers", ()))
+    wants_probs = bool(getattr(drafter, "wants_probs", False))  # Jacobi windows learn from the target's p
+    if wants_probs and (is_tree or feature_layers):
+        raise ValueError(f"{type(drafter).__name__}: wants_probs is for chain drafters without features")
 
     # Prefill all but each prompt's last token (that one is fed with the drafts).
     t_cache = KVCache.empty(config, B, cache_len)
@@ -221,6 +227,8 @@ def _speculative(params, drafter_params, prompts, lengths, budgets, seed, sampli
     stats = (zeros, zeros, jnp.zeros((depth,), jnp.int32))  # rounds, accepted, accepted_at
     pending = (jnp.full((B, depth), -1, jnp.int32), zeros, zeros)  # the last round's path, n_acc, next token
     hiddens = tuple(jnp.zeros((B, n_nodes + 1, config.d_model), jnp.float32) for _ in feature_layers)
+    if wants_probs:  # the verified positions' target distributions ride where the features would
+        hiddens = (jnp.zeros((B, n_nodes + 1, config.vocab_size), jnp.float32),)
     inner = (t_cache, d_state, stats, pending, hiddens)
 
     def context(state: loop.LoopState) -> DraftContext:
@@ -259,6 +267,8 @@ def _speculative(params, drafter_params, prompts, lengths, budgets, seed, sampli
             path = jnp.where(jnp.arange(depth)[None] < n_acc[:, None], jnp.arange(depth)[None], -1)
             path_tokens = drafts
         hiddens = tuple(h.astype(jnp.float32) for h in out[2]) if feature_layers else ()
+        if wants_probs:
+            hiddens = (probabilities(logits, ctx.sampling),)
         tokens, n_emit = emitted_tokens(path_tokens, n_acc, nxt)
         return (t_cache, d_state, stats, (path, n_acc, nxt), hiddens), StepOutput(tokens=tokens, n_emitted=n_emit)
 
@@ -271,6 +281,10 @@ def _speculative(params, drafter_params, prompts, lengths, budgets, seed, sampli
         t_cache = t_cache.with_lengths(new.seq_len - 1)
         if feature_layers:
             verified = drafters.Verified(hiddens=hiddens, path=pending[0], accepted=pending[1], next_token=pending[2])
+            d_state = drafter.update(d_state, context(before), n_acc, kept, new.seq, verified=verified)
+        elif wants_probs:
+            verified = drafters.Verified(hiddens=(), path=pending[0], accepted=pending[1], next_token=pending[2],
+                                         probs=hiddens[0])
             d_state = drafter.update(d_state, context(before), n_acc, kept, new.seq, verified=verified)
         else:
             d_state = drafter.update(d_state, context(before), n_acc, kept, new.seq)

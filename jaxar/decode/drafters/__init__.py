@@ -21,7 +21,9 @@ them in `feature_layers` (Hugging Face numbering, as `forward`'s
 `hidden_layers`); then `init` also receives `features=` (the prefill's hidden
 states, each [B, P, D], valid at positions < lengths - 1) and `update` also
 receives `verified=Verified(...)` (the verify forward's hidden states at the
-root and every node, the accepted path and the next token).
+root and every node, the accepted path and the next token). A chain drafter
+with `wants_probs = True` (Jacobi windows) receives `verified=` with `probs`,
+the target's distributions at the N+1 verified positions (hiddens empty).
 
 `params` are the drafter's own weights (a draft model's), None for
 table-based drafters. `update` runs after the driver has kept `kept` tokens
@@ -56,6 +58,7 @@ class DraftContext(NamedTuple):
     step: jax.Array  # () int32 round index (key derivation: row_keys(seed, B, step * (N + 2) + i))
     seed: jax.Array  # () uint32
     sampling: SamplingParams  # per-row settings, for drafts sampled from processed distributions
+    row_ids: Any = None  # [B] int32 ids folded into the rows' keys (row_keys(..., row_ids=)), None: 0..B-1
 
 
 class Verified(NamedTuple):
@@ -65,6 +68,7 @@ class Verified(NamedTuple):
     path: jax.Array  # [B, depth] int32 accepted node per depth, -1 after `accepted`
     accepted: jax.Array  # [B] int32 drafts accepted (before EOS / budget truncation)
     next_token: jax.Array  # [B] int32 the correction / bonus token
+    probs: Any = None  # [B, N+1, V] float32 the target's processed distributions (drafters with wants_probs)
 
 
 def is_tree(drafter) -> bool:
