@@ -162,6 +162,19 @@ def _sample_jit(params, labels, sampling, seed, cfg_scale, vq_params, *, config,
                         vq_config=vq_config)
 
 
+def check_settings(labels, cfg_scale, cfg_schedule: str, seed) -> int:
+    """One-line errors for bad guidance / seed settings or no labels; returns the batch size."""
+    if cfg_schedule not in SCHEDULES:
+        raise ValueError(f"cfg_schedule={cfg_schedule!r}: use one of {SCHEDULES}")
+    if not np.isfinite(float(cfg_scale)):
+        raise ValueError(f"cfg_scale must be a finite number, got {cfg_scale}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < 2 ** 32:
+        raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
+    if labels.shape[0] == 0:
+        raise ValueError("labels is empty: give at least one label")
+    return int(labels.shape[0])
+
+
 def sample_tokens(params: dict, labels, *, config: ar.ImageARConfig, tokenizer=None, cfg_scale: float = 1.0,
                   cfg_schedule: str = "constant", temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                   seed: int = 0, return_logits: bool = False):
@@ -174,15 +187,7 @@ def sample_tokens(params: dict, labels, *, config: ar.ImageARConfig, tokenizer=N
     """
     labels = ar.check_labels(labels, config)
     tokenizer = ar.check_tokenizer(config, tokenizer)
-    if cfg_schedule not in SCHEDULES:
-        raise ValueError(f"cfg_schedule={cfg_schedule!r}: use one of {SCHEDULES}")
-    if not np.isfinite(float(cfg_scale)):
-        raise ValueError(f"cfg_scale must be a finite number, got {cfg_scale}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < 2 ** 32:
-        raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
-    B = labels.shape[0]
-    if B == 0:
-        raise ValueError("labels is empty: give at least one label")
+    B = check_settings(labels, cfg_scale, cfg_schedule, seed)
     sampling = SamplingParams.build(SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p), B)
     mcfg = config.model_config()
     params = {**params, "transformer": transformer.decode_params(params["transformer"], mcfg)}

@@ -197,15 +197,7 @@ def speculative_image_tokens(params: dict, labels, *, config: ar.ImageARConfig, 
         raise ValueError(f"speculative image decoding is for raster models; this is a {config.kind!r} model "
                          "(VAR samples a whole scale per forward already)")
     labels = ar.check_labels(labels, config)
-    if cfg_schedule not in image.SCHEDULES:
-        raise ValueError(f"cfg_schedule={cfg_schedule!r}: use one of {image.SCHEDULES}")
-    if not np.isfinite(float(cfg_scale)):
-        raise ValueError(f"cfg_scale must be a finite number, got {cfg_scale}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < 2 ** 32:
-        raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
-    B = labels.shape[0]
-    if B == 0:
-        raise ValueError("labels is empty: give at least one label")
+    B = image.check_settings(labels, cfg_scale, cfg_schedule, seed)
     rule = accept if isinstance(accept, AcceptRule) else parse_accept(accept)
     if tables is None:
         if rule.kind != "exact" and codebook is None:
