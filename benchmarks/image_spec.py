@@ -66,6 +66,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--speed-images", type=int, default=64, help="images per timed speed run (at least one batch)")
     p.add_argument("--no-quality", action="store_true")
+    p.add_argument("--no-speed", action="store_true")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     methods = [parse_method(m) for m in split_methods(args.methods)]
@@ -114,7 +115,7 @@ def main(argv=None) -> int:
             print(f"  {row['method']}: fd {row['fd']:.3f}+-{row['fd_std']:.3f} forwards/image "
                   f"{row['forwards_per_image']:.1f}", file=sys.stderr, flush=True)
     speed = []
-    for decode, accept in methods:
+    for decode, accept in ([] if args.no_speed else methods):
         row = {"method": f"{decode}+{accept}" if accept != "exact" else decode}
         for batch in batches:
             n = max(batch, args.speed_images // batch * batch)
@@ -131,7 +132,7 @@ def main(argv=None) -> int:
         speed.append(row)
         print(f"  speed {row['method']}: " + ", ".join(f"b{b} {row[f'images_per_s_b{b}']:.1f}/s" for b in batches),
               file=sys.stderr, flush=True)
-    base = {b: speed[0][f"images_per_s_b{b}"] for b in batches} if methods[0][0] == "plain" else None
+    base = {b: speed[0][f"images_per_s_b{b}"] for b in batches} if speed and methods[0][0] == "plain" else None
     result.update(quality=quality, speed=speed)
 
     if quality:
@@ -147,16 +148,17 @@ def main(argv=None) -> int:
             print(f"| {r['method']} | {r['forwards_per_image']:.1f} | {fewer:.2f}x | {r['fd']:.3f} +- "
                   f"{r['fd_std']:.3f} | {rel} | {r['precision']:.3f} | {r['recall']:.3f} | "
                   f"{r['class_consistency']:.3f} | {r['tv_bound_per_code']:.4f} |")
-    print(f"\nspeed: images/s (median of {args.repeats}), compile excluded; speed-up over plain at the same batch")
-    print("| method | " + " | ".join(f"batch {b}: forwards / image | images/s | speed-up" for b in batches) + " |")
-    print("|---|" + "---|---|---|" * len(batches))
-    for r in speed:
-        cells = []
-        for b in batches:
-            ips = r[f"images_per_s_b{b}"]
-            up = f"{ips / base[b]:.2f}x" if base else "-"
-            cells.append(f"{r[f'forwards_per_image_b{b}']:.1f} | {ips:.1f} | {up}")
-        print(f"| {r['method']} | " + " | ".join(cells) + " |")
+    if speed:
+        print(f"\nspeed: images/s (median of {args.repeats}), compile excluded; speed-up over plain at the same batch")
+        print("| method | " + " | ".join(f"batch {b}: forwards / image | images/s | speed-up" for b in batches) + " |")
+        print("|---|" + "---|---|---|" * len(batches))
+        for r in speed:
+            cells = []
+            for b in batches:
+                ips = r[f"images_per_s_b{b}"]
+                up = f"{ips / base[b]:.2f}x" if base else "-"
+                cells.append(f"{r[f'forwards_per_image_b{b}']:.1f} | {ips:.1f} | {up}")
+            print(f"| {r['method']} | " + " | ".join(cells) + " |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
