@@ -166,13 +166,7 @@ def accept_from_randomness(target_probs, draft_probs, draft_tokens, uniforms, no
 
     Returns ``(accepted_len [B] int32 in 0..k, next_token [B] int32)``.
     """
-    target_probs = jnp.asarray(target_probs)
-    draft_tokens = jnp.asarray(draft_tokens)
-    uniforms = jnp.asarray(uniforms)
-    noise = jnp.asarray(noise)
-    draft_probs = None if draft_probs is None else jnp.asarray(draft_probs)
-    _check_shapes(target_probs, draft_probs, draft_tokens, uniforms, noise)
-    return _accept_core(target_probs, draft_probs, draft_tokens, uniforms, noise)
+    return _checked_accept(target_probs, draft_probs, draft_tokens, uniforms, noise)
 
 
 def accept_from_masses(target_probs, draft_probs, draft_tokens, uniforms, noise, px, qx):
@@ -189,15 +183,20 @@ def accept_from_masses(target_probs, draft_probs, draft_tokens, uniforms, noise,
 
     Returns ``(accepted_len [B] int32 in 0..k, next_token [B] int32)``.
     """
+    return _checked_accept(target_probs, draft_probs, draft_tokens, uniforms, noise, jnp.asarray(px),
+                           jnp.asarray(qx))
+
+
+def _checked_accept(target_probs, draft_probs, draft_tokens, uniforms, noise, px=None, qx=None):
+    """Arrays in, shapes checked (one-line errors), then the jitted rule."""
     target_probs = jnp.asarray(target_probs)
     draft_tokens = jnp.asarray(draft_tokens)
     uniforms = jnp.asarray(uniforms)
     noise = jnp.asarray(noise)
     draft_probs = None if draft_probs is None else jnp.asarray(draft_probs)
-    px, qx = jnp.asarray(px), jnp.asarray(qx)
     B, k, _ = _check_shapes(target_probs, draft_probs, draft_tokens, uniforms, noise)
     for name, m in (("px", px), ("qx", qx)):
-        if m.shape != (B, k):
+        if m is not None and m.shape != (B, k):
             raise ValueError(f"{name} must be [B, k] = {(B, k)} like draft_tokens, got {m.shape}")
     return _accept_core(target_probs, draft_probs, draft_tokens, uniforms, noise, px, qx)
 
