@@ -189,7 +189,7 @@ def test_text_model_given_labels_and_tokenizer_run_sampled_are_one_line(runs, sm
 
 
 def test_train_py_runs_an_image_config_as_a_program(tiny_data, tmp_path):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimization_level=0")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=os.environ["XLA_FLAGS"])
     argv = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / "fashion-vq.yaml"),
             f"run_dir={tmp_path / 'p'}", f"data.source={tiny_data}", "data.val_images=16", "train.steps=1",
             "train.batch_size=8", "train.progress_bar=false"] + _TINY_VQ

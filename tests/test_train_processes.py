@@ -27,8 +27,8 @@ COMMON = ["train.log_every=1", "train.eval_every=0", "train.progress_bar=false"]
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     e = dict(os.environ)
-    # Compile-bound tiny runs: backend optimisation level 0, as the rest of the suite (tests/conftest.py).
-    e.update(XLA_FLAGS="--xla_backend_optimization_level=0", JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + e.get("PYTHONPATH", ""),
+    # Compile-bound tiny runs: the suite's compile flags (tests/conftest.py).
+    e.update(XLA_FLAGS=os.environ["XLA_FLAGS"], JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + e.get("PYTHONPATH", ""),
              JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     return e
